@@ -1,0 +1,79 @@
+"""The proxy's exceptions, each carrying the HTTP status and code the contract gives it.
+
+Handlers raise these; one middleware in `app.py` turns them into the contract's JSON shape
+`{"error": {"message", "type", "code"}}`, so no handler builds error bodies by hand.
+"""
+
+from __future__ import annotations
+
+ERROR_TYPE = "resumable_proxy_error"
+
+
+class ProxyError(Exception):
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, dict[str, str]]:
+        return {"error": {"message": self.message, "type": ERROR_TYPE, "code": self.code}}
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidSessionId(BadRequest):
+    code = "invalid_session_id"
+
+
+class InvalidOffset(BadRequest):
+    code = "invalid_offset"
+
+
+class SessionNotFound(ProxyError):
+    status = 404
+    code = "session_not_found"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class SessionConflict(ProxyError):
+    status = 409
+    code = "session_conflict"
+
+
+class BodyTooLarge(ProxyError):
+    status = 413
+    code = "body_too_large"
+
+
+class OffsetOutOfRange(ProxyError):
+    status = 416
+    code = "offset_out_of_range"
+
+
+class UpstreamUnavailable(ProxyError):
+    status = 502
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class StorageUnavailable(ProxyError):
+    status = 503
+    code = "storage_unavailable"

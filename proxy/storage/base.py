@@ -1,0 +1,118 @@
+"""What the sessions layer needs from a store, and nothing about how a store keeps it.
+
+Two stores implement `SessionStore`: the on-disk segmented log (`storage.backend: disk`) and
+Redis Streams (`storage.backend: redis`). The sessions layer talks only to this interface.
+
+Event numbers are 1-based positions in a session. A batch of events is one `bytes` object,
+the concatenation of the events exactly as clients receive them (the `id: n` line and the
+terminating blank line included), plus the end offset of each event inside it; one batch is
+whatever one upstream read produced, so the hot path does one append per read, not per event.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+STREAMING = "streaming"
+COMPLETE = "complete"
+FAILED = "failed"
+CANCELLED = "cancelled"
+INTERRUPTED = "interrupted"
+STATES = (STREAMING, COMPLETE, FAILED, CANCELLED, INTERRUPTED)
+ENDED_WITH_ERROR = (FAILED, CANCELLED, INTERRUPTED)
+
+
+class StorageError(Exception):
+    """The store cannot take or give data (disk full, I/O error, Redis gone, lock held)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionMeta:
+    """What is fixed when a session opens; logged once, first of all its records."""
+
+    session_id: str
+    method: str
+    path: str  # path and query string, as the client sent them
+    body_sha256: str  # hex digest of the request body (409 on a differing repeat)
+    credential_sha256: str  # hex digest of the bind header's value, "" when absent
+    created_ns: int  # wall clock, time.time_ns(), when the request arrived
+    request_ns: int  # wall clock when the request was sent upstream (base of ttft)
+    upstream_status: int
+    headers: tuple[tuple[str, str], ...]  # response headers a replay sends again
+
+
+@dataclass(slots=True)
+class SessionInfo:
+    """A session's current summary; the store owns and updates it."""
+
+    meta: SessionMeta
+    state: str = STREAMING
+    reason: str = ""
+    events: int = 0  # events readable now (handed to the OS, or fsynced under `always`)
+    bytes: int = 0  # sum of the readable events' bytes
+    updated_ns: int = 0  # wall clock of the last record
+    first_event_ns: int | None = None  # arrival time of event 1
+    storage_error: str | None = None  # set when the store failed to keep some of it
+
+    @property
+    def session_id(self) -> str:
+        return self.meta.session_id
+
+
+class SessionStore(Protocol):
+    """The storage contract; see `proxy/storage/FORMAT.md` for the disk log's layout."""
+
+    @property
+    def healthy(self) -> bool:
+        """False while the store cannot write (reported by /healthz)."""
+
+    async def start(self) -> None:
+        """Open or recover; sessions found `streaming` become `interrupted`."""
+
+    async def close(self) -> None:
+        """Write and sync everything appended, release files, locks and connections."""
+
+    def create(self, meta: SessionMeta) -> SessionInfo:
+        """Log a new session (state streaming). The id must not exist."""
+
+    def append(
+        self,
+        session_id: str,
+        first_event: int,
+        data: bytes,
+        ends: Sequence[int],
+        arrival_ns: int,
+    ) -> None:
+        """Queue one batch: events first_event .. first_event+len(ends)-1.
+
+        `ends[i]` is the end offset in `data` of event first_event+i. Never blocks: the bytes
+        are written on the next loop turn (one write for every append of that turn), and
+        readers are woken once they are readable. Batches of a session come in order.
+        """
+
+    def end(self, session_id: str, state: str, reason: str, ended_ns: int) -> None:
+        """Queue the final state; readers are woken once it is written."""
+
+    async def flush(self) -> None:
+        """Return once everything appended so far is readable (and durable per fsync mode)."""
+
+    async def delete(self, session_id: str) -> None:
+        """Forget the session now (404 from then on); its bytes are reclaimed per FORMAT.md."""
+
+    async def get(self, session_id: str) -> SessionInfo | None: ...
+
+    async def list(self) -> list[SessionInfo]:
+        """Every session, newest first."""
+
+    async def read(self, session_id: str, start_event: int, max_bytes: int) -> tuple[bytes, int]:
+        """Bytes of events start_event.. (at least one whole event if any, then whole events up
+        to max_bytes) and how many events that is; (b"", 0) when none are readable yet."""
+
+    async def wait(self, session_id: str, after_event: int, timeout: float) -> None:
+        """Until the session has more than `after_event` readable events, or has ended, or
+        `timeout` seconds passed, or it was deleted. Returns without saying which."""
+
+    async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
+        """(first_event, count, arrival_ns) per logged batch, for the latency figures."""
