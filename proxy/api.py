@@ -1,0 +1,292 @@
+"""HTTP handlers: the proxied catch-all and the owned paths (/sessions..., /healthz, ...).
+
+Handlers raise `ProxyError`s; the error middleware in `app.py` turns them into JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import resources
+
+import aiohttp
+from aiohttp import web
+
+from .access import credential_digest, is_admin, may_access
+from .config import Config
+from .errors import (
+    InvalidOffset,
+    NotFound,
+    OffsetOutOfRange,
+    SessionConflict,
+    SessionNotFound,
+)
+from .latency import session_figures
+from .metrics import Metrics
+from .relay import (
+    UpstreamRequest,
+    build_upstream_request,
+    is_event_stream,
+    relay_plain,
+    response_headers,
+    send_upstream,
+)
+from .sessions import SessionManager, check_session_id, follow, new_session_id
+from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta
+
+log = logging.getLogger("proxy.api")
+
+_OFFSET = re.compile(r"^\s*(\d{1,18})\s*$")
+# Headers a replay sends again; the rest of the upstream's headers described that one reply.
+_REPLAY_HEADERS = frozenset(
+    {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
+)
+
+
+def parse_offset(value: str, source: str) -> int:
+    match = _OFFSET.match(value)
+    if match is None:
+        raise InvalidOffset(f"{source} must be a non-negative integer, got {value[:40]!r}")
+    return int(match.group(1))
+
+
+def _iso(ns: int) -> str:
+    return (
+        datetime.fromtimestamp(ns / 1e9, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+@dataclass(slots=True)
+class Api:
+    config: Config
+    manager: SessionManager
+    client: aiohttp.ClientSession
+    upstream_url: str
+    metrics: Metrics
+
+    @property
+    def store(self):  # type: ignore[no-untyped-def]
+        return self.manager.store
+
+    # --- the proxied catch-all -------------------------------------------------------------
+
+    async def proxy(self, request: web.Request) -> web.StreamResponse:
+        config = self.config
+        requested_id = request.headers.get(config.session.header)
+        if requested_id is not None:
+            check_session_id(requested_id)
+        outgoing = await build_upstream_request(request, config)
+        if requested_id is not None:
+            info = await self.store.get(requested_id)
+            if info is not None:
+                return await self._replay_repeat(request, info, outgoing)
+        upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
+        if not is_event_stream(upstream):
+            return await relay_plain(request, upstream)
+        return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
+
+    async def _start_stream(
+        self,
+        request: web.Request,
+        outgoing: UpstreamRequest,
+        upstream: aiohttp.ClientResponse,
+        sent_ns: int,
+        requested_id: str | None,
+    ) -> web.StreamResponse:
+        config = self.config
+        headers = response_headers(upstream, stream=True)
+        meta = SessionMeta(
+            session_id=requested_id or new_session_id(),
+            method=outgoing.method,
+            path=outgoing.path,
+            body_sha256=outgoing.body_sha256,
+            credential_sha256=credential_digest(request, config),
+            created_ns=sent_ns,
+            request_ns=sent_ns,
+            upstream_status=upstream.status,
+            headers=tuple((k, v) for k, v in headers.items() if k.lower() in _REPLAY_HEADERS),
+        )
+        if requested_id is not None and await self.store.get(requested_id) is not None:
+            # Another request with this id won the race while ours was upstream.
+            upstream.close()
+            raise SessionConflict(f"session {requested_id} was created by another request")
+        self.manager.start(meta, upstream)
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(headers)
+        response.headers[config.session.header] = meta.session_id
+        return await self._serve_reader(request, response, meta.session_id, 0)
+
+    async def _replay_repeat(
+        self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
+    ) -> web.StreamResponse:
+        if not may_access(request, self.config, info):
+            raise SessionNotFound(f"no session {info.session_id}")
+        meta = info.meta
+        if (meta.method, meta.path, meta.body_sha256) != (
+            outgoing.method,
+            outgoing.path,
+            outgoing.body_sha256,
+        ):
+            raise SessionConflict(
+                f"session {meta.session_id} belongs to a different request "
+                f"({meta.method} {meta.path.split('?')[0]})"
+            )
+        offset = 0
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:
+            offset = parse_offset(last_event_id, "Last-Event-ID")
+        return await self._replay(request, info, offset)
+
+    # --- replay ----------------------------------------------------------------------------
+
+    async def _replay(
+        self, request: web.Request, info: SessionInfo, offset: int
+    ) -> web.StreamResponse:
+        if info.state != STREAMING and offset > info.events:
+            raise OffsetOutOfRange(
+                f"offset {offset} is past the end of session {info.session_id} "
+                f"({info.events} events, {info.state})"
+            )
+        self.metrics.replay_started()
+        response = web.StreamResponse(status=200)
+        for name, value in info.meta.headers:
+            response.headers.add(name, value)
+        if "Content-Type" not in response.headers:
+            response.headers["Content-Type"] = "text/event-stream"
+        response.headers["Cache-Control"] = "no-cache"
+        response.headers["X-Accel-Buffering"] = "no"
+        response.headers[self.config.session.header] = info.session_id
+        return await self._serve_reader(request, response, info.session_id, offset)
+
+    async def _serve_reader(
+        self, request: web.Request, response: web.StreamResponse, session_id: str, offset: int
+    ) -> web.StreamResponse:
+        request["session_id"] = session_id
+        metrics = self.metrics
+        last_arrival_ns = self.manager.last_arrival_ns
+
+        def on_write(count: int, live: bool) -> None:
+            arrival = last_arrival_ns(session_id) if live else None
+            metrics.events_written(count, time.time_ns() - arrival if arrival else None)
+
+        metrics.reader_joined()
+        try:
+            await response.prepare(request)
+            await follow(
+                request,
+                response,
+                self.store,
+                session_id,
+                offset,
+                self.config.session.keepalive,
+                on_write=on_write,
+            )
+            await response.write_eof()
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            log.debug("reader of session %s left", session_id)
+        finally:
+            self.metrics.reader_left()
+        return response
+
+    # --- owned paths -----------------------------------------------------------------------
+
+    async def _owned_session(self, request: web.Request) -> SessionInfo:
+        session_id = check_session_id(request.match_info["session_id"])
+        info = await self.store.get(session_id)
+        if info is None or not may_access(request, self.config, info):
+            raise SessionNotFound(f"no session {session_id}")
+        return info
+
+    async def session_events(self, request: web.Request) -> web.StreamResponse:
+        info = await self._owned_session(request)
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:
+            offset = parse_offset(last_event_id, "Last-Event-ID")
+        else:
+            offset = parse_offset(request.query.get("offset", "0"), "offset")
+        return await self._replay(request, info, offset)
+
+    async def get_session(self, request: web.Request) -> web.Response:
+        info = await self._owned_session(request)
+        body = self._describe(info)
+        body.update(
+            session_figures(info.meta.request_ns, await self.store.arrivals(info.session_id))
+        )
+        return web.json_response(body)
+
+    async def delete_session(self, request: web.Request) -> web.Response:
+        info = await self._owned_session(request)
+        await self.manager.stop(info.session_id, "cancelled", "deleted by a client")
+        await self.store.delete(info.session_id)
+        return web.json_response({"id": info.session_id, "deleted": True})
+
+    async def cancel_session(self, request: web.Request) -> web.Response:
+        info = await self._owned_session(request)
+        await self.manager.stop(info.session_id, "cancelled", "cancelled by a client")
+        await self.store.flush()
+        current = await self.store.get(info.session_id) or info
+        return web.json_response(self._describe(current))
+
+    async def list_sessions(self, request: web.Request) -> web.Response:
+        state = request.query.get("state")
+        if state is not None and state not in STATES:
+            raise InvalidOffset(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
+        admin = is_admin(request, self.config)
+        if not admin and self.config.session.bind_header not in request.headers:
+            raise NotFound("no sessions for this caller")
+        caller = credential_digest(request, self.config)
+        sessions = [
+            self._describe(info)
+            for info in await self.store.list()
+            if (admin or info.meta.credential_sha256 == caller)
+            and (state is None or info.state == state)
+        ]
+        return web.json_response({"object": "list", "data": sessions})
+
+    def _describe(self, info: SessionInfo) -> dict[str, object]:
+        meta = info.meta
+        return {
+            "id": meta.session_id,
+            "state": info.state,
+            "reason": info.reason,
+            "events": info.events,
+            "bytes": info.bytes,
+            "created_at": _iso(meta.created_ns),
+            "updated_at": _iso(info.updated_ns or meta.created_ns),
+            "method": meta.method,
+            "path": meta.path,
+            "upstream_status": meta.upstream_status,
+        }
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        healthy = self.store.healthy
+        body = {
+            "status": "ok" if healthy else "unhealthy",
+            "storage": "ok" if healthy else "unwritable",
+            "live_sessions": self.manager.live_count,
+            "time": _iso(time.time_ns()),
+        }
+        return web.json_response(body, status=200 if healthy else 503)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        payload, content_type = self.metrics.render(self.manager)
+        return web.Response(body=payload, headers={"Content-Type": content_type})
+
+    async def resume_js(self, request: web.Request) -> web.Response:
+        text = resources.files("proxy.client").joinpath("resume.js").read_text("utf-8")
+        return web.Response(
+            text=text,
+            content_type="text/javascript",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def demo(self, request: web.Request) -> web.Response:
+        if not self.config.demo_enabled:
+            raise NotFound("the demo page is off (server.demo)")
+        text = resources.files("proxy.client").joinpath("demo.html").read_text("utf-8")
+        return web.Response(text=text, content_type="text/html")

@@ -1,0 +1,198 @@
+"""Builds the aiohttp Application from a Config; start-up and clean-up in one ordered place.
+
+Start-up: mock upstream (if asked for), store (recovery happens here), upstream client pool,
+sessions. Shutdown (SIGTERM/SIGINT, after aiohttp closed the listening sockets): live
+upstream reads get `server.shutdown_grace` to finish while their readers keep receiving;
+the rest end `interrupted`; then the client pool, the store (flushed and synced) and the
+mock close, in reverse order of start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .access import cors_middleware, cors_on_prepare
+from .api import Api
+from .config import Config
+from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError
+from .metrics import Metrics
+from .sessions import SessionManager
+from .storage import open_store
+
+log = logging.getLogger("proxy.app")
+access_log = logging.getLogger("proxy.access")
+
+CONFIG = web.AppKey("config", Config)
+API = web.AppKey("api", Api)
+METRICS = web.AppKey("metrics", Metrics)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    body = {"error": {"message": message, "type": ERROR_TYPE, "code": code}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The one place where exceptions become the contract's JSON error shape."""
+    try:
+        return await handler(request)
+    except ProxyError as exc:
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _json_error(exc.status, code, exc.reason)
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return _json_error(500, "internal_error", "internal error in resumable-proxy")
+
+
+def _access_middleware(metrics: Metrics, json_lines: bool) -> Callable[..., Awaitable[object]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.monotonic()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        finally:
+            metrics.requests.labels(str(status)).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                _log_access(request, status, time.monotonic() - started, json_lines)
+
+    return middleware
+
+
+def _log_access(request: web.Request, status: int, seconds: float, json_lines: bool) -> None:
+    """One line per request: no headers, no bodies, no credentials."""
+    fields = {
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 2),
+        "session_id": request.get("session_id"),
+    }
+    if json_lines:
+        access_log.info(json.dumps(fields))
+    else:
+        access_log.info(
+            "%s %s %s %.1fms session=%s",
+            fields["method"],
+            fields["path"],
+            status,
+            fields["duration_ms"],
+            fields["session_id"] or "-",
+        )
+
+
+def _dispatch(name: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response: web.StreamResponse = await getattr(request.app[API], name)(request)
+        return response
+
+    handler.__name__ = name
+    return handler
+
+
+async def _method_not_allowed(request: web.Request) -> web.StreamResponse:
+    raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
+
+
+def _add_owned(app: web.Application, path: str, **methods: str) -> None:
+    resource = app.router.add_resource(path)
+    for method, name in methods.items():
+        resource.add_route(method, _dispatch(name))
+    resource.add_route("*", _method_not_allowed)
+
+
+async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    mock_runner: web.AppRunner | None = None
+    upstream_url = config.upstream.url
+    if config.upstream.is_mock:
+        mock_runner, upstream_url = await _start_mock(config)
+    store = open_store(config.storage)
+    await store.start()
+    client = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=config.upstream.connect_timeout,
+            sock_read=config.upstream.idle_timeout,
+        ),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+    )
+    manager = SessionManager(config, store, metrics)
+    app[API] = Api(config, manager, client, upstream_url, metrics)
+    log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
+    try:
+        yield
+    finally:
+        await client.close()
+        await store.close()
+        if mock_runner is not None:
+            await mock_runner.cleanup()
+
+
+async def _start_mock(config: Config) -> tuple[web.AppRunner, str]:
+    from .mock_upstream import build_mock_app
+
+    runner = web.AppRunner(
+        build_mock_app(tokens=config.mock.tokens, interval_ms=config.mock.interval_ms),
+        access_log=None,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def _shutdown(app: web.Application) -> None:
+    api = app.get(API)
+    if api is not None:
+        await api.manager.shutdown(app[CONFIG].server.shutdown_grace)
+
+
+def build_app(config: Config) -> web.Application:
+    metrics = Metrics()
+    app = web.Application(
+        middlewares=[
+            _access_middleware(metrics, config.server.log_format == "json"),
+            cors_middleware(config),
+            error_middleware,
+        ],
+        client_max_size=config.server.max_body_bytes + 1,
+        handler_args={"max_field_size": 65536, "max_line_size": 65536},
+    )
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_lifecycle)
+    app.on_shutdown.append(_shutdown)
+    app.on_response_prepare.append(cors_on_prepare(config))
+
+    _add_owned(app, "/sessions", GET="list_sessions")
+    _add_owned(app, "/sessions/{session_id}", GET="get_session", DELETE="delete_session")
+    _add_owned(app, "/sessions/{session_id}/events", GET="session_events")
+    _add_owned(app, "/sessions/{session_id}/cancel", POST="cancel_session")
+    _add_owned(app, "/healthz", GET="healthz")
+    _add_owned(app, "/metrics", GET="metrics_text")
+    _add_owned(app, "/resume.js", GET="resume_js")
+    _add_owned(app, "/demo", GET="demo")
+    app.router.add_route("*", "/{tail:.*}", _dispatch("proxy"))
+    return app

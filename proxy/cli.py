@@ -1,0 +1,169 @@
+"""The `resumable-proxy` command: serve, mock-upstream, sessions. Nothing else lives here.
+
+Flags default to None so that the config file decides unless a flag is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from .config import Config, ConfigError, load_config
+from .logs import setup_logging
+from .storage.base import StorageError
+
+
+def _fail(lines: list[str] | str, code: int = 2) -> NoReturn:
+    for line in [lines] if isinstance(lines, str) else lines:
+        click.echo(line, err=True)
+    sys.exit(code)
+
+
+def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
+    try:
+        return load_config(config_path, overrides)
+    except ConfigError as exc:
+        _fail(exc.problems)
+
+
+def _use_uvloop() -> None:
+    """uvloop when installed (the `fast` extra): the relay is event-loop bound."""
+    try:
+        import uvloop
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+@click.group()
+@click.version_option(package_name="resumable-proxy")
+def main() -> None:
+    """resumable-proxy: make LLM streams survive refreshes, drops and restarts."""
+
+
+@main.command()
+@click.option("--config", "config_path", type=str, default=None, help="YAML config file.")
+@click.option("--host", default=None, help="Listen address (server.host).")
+@click.option("--port", default=None, help="Listen port (server.port).")
+@click.option("--upstream", default=None, help="Upstream base URL, or 'mock' (upstream.url).")
+@click.option("--data-dir", default=None, help="Log directory (storage.dir).")
+@click.option("--log-level", default=None, help="debug, info, warning or error.")
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: str | None,
+    upstream: str | None,
+    data_dir: str | None,
+    log_level: str | None,
+) -> None:
+    """Run the proxy."""
+    config = _load(
+        config_path,
+        {
+            "server.host": host,
+            "server.port": port,
+            "upstream.url": upstream,
+            "storage.dir": data_dir,
+            "server.log_level": log_level,
+        },
+    )
+    setup_logging(config.server.log_level, config.server.log_format)
+    _use_uvloop()
+    from aiohttp import web
+
+    from .app import build_app
+
+    app = build_app(config)
+    listening = f"http://{config.server.host}:{config.server.port}"
+    try:
+        web.run_app(
+            app,
+            host=config.server.host,
+            port=config.server.port,
+            access_log=None,
+            shutdown_timeout=config.server.shutdown_grace + 5,
+            print=lambda _: click.echo(
+                f"resumable-proxy listening on {listening} -> {_upstream_name(config)}", err=True
+            ),
+        )
+    except StorageError as exc:
+        _fail(f"error: storage: {exc}")
+    except OSError as exc:
+        _fail(f"error: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+
+
+def _upstream_name(config: Config) -> str:
+    return "built-in mock upstream" if config.upstream.is_mock else config.upstream.url
+
+
+@main.command("mock-upstream")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True)
+@click.option("--tokens", type=click.IntRange(0), default=64, show_default=True)
+@click.option("--interval-ms", type=click.FloatRange(0), default=20.0, show_default=True)
+def mock_upstream(host: str, port: int, tokens: int, interval_ms: float) -> None:
+    """Serve the built-in OpenAI-compatible mock upstream alone."""
+    from .mock_upstream import run_mock_upstream
+
+    _use_uvloop()
+    run_mock_upstream(host, port, tokens, interval_ms)
+
+
+@main.group()
+def sessions() -> None:
+    """Read a data dir offline (safe while a proxy runs on it)."""
+
+
+_data_dir_option = click.option("--data-dir", default=None, help="Data dir (default ./data).")
+_config_option = click.option("--config", "config_path", default=None, help="YAML config file.")
+
+
+def _offline_dir(config_path: str | None, data_dir: str | None) -> Path:
+    config = _load(config_path, {"storage.dir": data_dir})
+    return config.storage.dir
+
+
+@sessions.command("ls")
+@_data_dir_option
+@_config_option
+def sessions_ls(data_dir: str | None, config_path: str | None) -> None:
+    """List sessions, newest first."""
+    from .offline import list_sessions
+
+    _run_offline(list_sessions, _offline_dir(config_path, data_dir))
+
+
+@sessions.command("show")
+@click.argument("session_id")
+@_data_dir_option
+@_config_option
+def sessions_show(session_id: str, data_dir: str | None, config_path: str | None) -> None:
+    """Show one session's metadata and latency figures."""
+    from .offline import show_session
+
+    _run_offline(show_session, _offline_dir(config_path, data_dir), session_id)
+
+
+@sessions.command("cat")
+@click.argument("session_id")
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+@_data_dir_option
+@_config_option
+def sessions_cat(
+    session_id: str, offset: int, data_dir: str | None, config_path: str | None
+) -> None:
+    """Print a session's raw SSE from event OFFSET+1."""
+    from .offline import cat_session
+
+    _run_offline(cat_session, _offline_dir(config_path, data_dir), session_id, offset)
+
+
+def _run_offline(command: Any, *args: Any) -> None:
+    try:
+        command(*args)
+    except (StorageError, LookupError, ValueError) as exc:
+        _fail(f"error: {exc}", code=1)

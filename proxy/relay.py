@@ -1,0 +1,172 @@
+"""Forwarding one request upstream and relaying a non-stream answer back.
+
+Streams (`text/event-stream`) leave this module at `is_event_stream`: they become sessions
+(`sessions.py`), whose upstream read outlives the request that started it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from .config import Config
+from .errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("proxy.relay")
+
+# RFC 9110 §7.6.1 connection-specific fields, plus those a proxy must not forward by
+# RFC 9112 (Transfer-Encoding is per hop) and the de facto Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamRequest:
+    """A client request as it will be sent upstream, plus what a session logs about it."""
+
+    method: str
+    path: str  # raw path and query, as the client sent them
+    headers: CIMultiDict[str]
+    body: bytes
+    body_sha256: str
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", []):
+        tokens.update(token.strip().lower() for token in value.split(",") if token.strip())
+    return tokens
+
+
+def forward_headers(request: web.Request, config: Config) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop ones, Host and our own session header.
+
+    `Accept-Encoding: identity` is requested when the body asks for a stream, because the
+    framer needs plain bytes and re-sending a stream under a stale encoding would break it.
+    """
+    dropped = HOP_BY_HOP | _connection_tokens(request.headers)
+    own = {"host", "content-length", config.session.header.lower(), "last-event-id"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in request.headers.items():
+        lowered = name.lower()
+        if lowered in dropped or lowered in own:
+            continue
+        headers.add(name, value)
+    if config.upstream.api_key and "Authorization" not in headers:
+        headers["Authorization"] = f"Bearer {config.upstream.api_key}"
+    return headers
+
+
+def response_headers(upstream: aiohttp.ClientResponse, *, stream: bool) -> CIMultiDict[str]:
+    """Upstream response headers to send on; streams lose the length and gain no-cache."""
+    dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
+    if stream:
+        dropped = dropped | {"content-length", "content-encoding", "cache-control"}
+    headers: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.headers.items():
+        if name.lower() not in dropped:
+            headers.add(name, value)
+    if stream:
+        headers["Cache-Control"] = "no-cache"
+        headers["X-Accel-Buffering"] = "no"
+    return headers
+
+
+def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+    if upstream.status >= 400:
+        return False
+    return upstream.content_type == "text/event-stream"
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading them."""
+    declared = request.content_length
+    if declared is not None and declared > limit:
+        raise BodyTooLarge(f"request body of {declared} bytes exceeds the limit of {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.read(_READ_CHUNK)
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def build_upstream_request(request: web.Request, config: Config) -> UpstreamRequest:
+    body = await read_body(request, config.server.max_body_bytes)
+    return UpstreamRequest(
+        method=request.method,
+        path=request.raw_path,
+        headers=forward_headers(request, config),
+        body=body,
+        body_sha256=hashlib.sha256(body).hexdigest(),
+    )
+
+
+async def send_upstream(
+    client: aiohttp.ClientSession, base_url: str, outgoing: UpstreamRequest
+) -> tuple[aiohttp.ClientResponse, int]:
+    """Send the request; returns the response (headers read) and the wall time it was sent."""
+    url = URL(base_url + outgoing.path, encoded=True)
+    headers = outgoing.headers
+    if b'"stream"' in outgoing.body and "Accept-Encoding" in headers:
+        headers = headers.copy()
+        headers["Accept-Encoding"] = "identity"
+    sent_ns = time.time_ns()
+    try:
+        response = await client.request(
+            outgoing.method,
+            url,
+            headers=headers,
+            data=outgoing.body if outgoing.body else None,
+            allow_redirects=False,
+        )
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) or "connect" in str(exc).lower():
+            raise UpstreamUnavailable(f"upstream did not accept a connection: {exc}") from None
+        raise UpstreamTimeout("upstream sent no response headers in time") from None
+    except aiohttp.ClientError as exc:
+        raise UpstreamUnavailable(f"upstream unreachable: {type(exc).__name__}") from None
+    return response, sent_ns
+
+
+async def relay_plain(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Relay a non-stream answer as it comes: status, headers and body bytes unchanged."""
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response.headers.extend(response_headers(upstream, stream=False))
+    try:
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+        log.debug("client left during a plain response to %s", request.path)
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+        # Headers are already sent, so the only honest signal left is a cut connection.
+        log.warning("upstream broke off a plain response to %s", request.path)
+        if request.transport is not None:
+            request.transport.close()
+    finally:
+        upstream.release()
+    return response

@@ -1,0 +1,243 @@
+"""Sessions: the upstream read each stream owns, and the readers that follow it.
+
+A session's upstream read runs in its own task, not in the request that started it: the
+client that asked may leave, refresh, or be joined by others, and the read goes on to the end
+(bounded by `session.max_duration`), logging every event. Every client, the first included,
+is a reader: it replays from the store and then follows live. Readers never slow the upstream
+read: each one pulls at its own pace, from the store's in-memory tail when it keeps up and
+from the log when it falls behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+import zlib
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from .config import SESSION_ID_PATTERN, Config
+from .errors import ERROR_TYPE, InvalidSessionId
+from .metrics import Metrics
+from .sse import KEEPALIVE, MalformedStream, SSEFramer
+from .storage.base import (
+    CANCELLED,
+    COMPLETE,
+    ENDED_WITH_ERROR,
+    FAILED,
+    INTERRUPTED,
+    STREAMING,
+    SessionInfo,
+    SessionMeta,
+    SessionStore,
+)
+
+log = logging.getLogger("proxy.sessions")
+
+READ_BATCH_BYTES = 256 * 1024
+_ERROR_MESSAGES = {
+    FAILED: "the upstream stream failed before it completed",
+    CANCELLED: "the stream was cancelled",
+    INTERRUPTED: "the proxy stopped while this stream was running",
+}
+
+
+def new_session_id() -> str:
+    """128 random bits, URL-safe, 22 characters."""
+    return secrets.token_urlsafe(16)
+
+
+def check_session_id(session_id: str) -> str:
+    if not SESSION_ID_PATTERN.match(session_id):
+        raise InvalidSessionId("session id must match ^[A-Za-z0-9_-]{8,128}$")
+    return session_id
+
+
+def error_event(state: str, reason: str) -> bytes:
+    """The final event of a replay of a session that did not complete.
+
+    It has no `id:` line, so a client's last event id stays that of the last real event.
+    """
+    message = _ERROR_MESSAGES[state]
+    if reason:
+        message = f"{message}: {reason}"
+    body = {"error": {"message": message, "type": ERROR_TYPE, "code": state}}
+    return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _Decoder:
+    """Undoes gzip/deflate on a stream upstream compressed although we asked it not to."""
+
+    def __init__(self, encoding: str) -> None:
+        wbits = 31 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+        self._inflate = zlib.decompressobj(wbits)
+
+    def __call__(self, chunk: bytes) -> bytes:
+        return self._inflate.decompress(chunk)
+
+
+class SessionManager:
+    """Owns the running upstream reads; the store owns everything that was logged."""
+
+    def __init__(self, config: Config, store: SessionStore, metrics: Metrics) -> None:
+        self._config = config
+        self.store = store
+        self._metrics = metrics
+        self._pumps: dict[str, asyncio.Task[None]] = {}
+        self._stop_as: dict[str, tuple[str, str]] = {}
+        self._last_arrival: dict[str, int] = {}
+
+    @property
+    def live_count(self) -> int:
+        return len(self._pumps)
+
+    def is_live(self, session_id: str) -> bool:
+        return session_id in self._pumps
+
+    def last_arrival_ns(self, session_id: str) -> int | None:
+        """When the newest events of a live session arrived from upstream."""
+        return self._last_arrival.get(session_id)
+
+    def start(self, meta: SessionMeta, upstream: aiohttp.ClientResponse) -> SessionInfo:
+        """Log the new session and start reading its upstream in a task of its own."""
+        info = self.store.create(meta)
+        session_id = meta.session_id
+        task = asyncio.create_task(self._pump(meta, upstream))
+        self._pumps[session_id] = task
+        task.add_done_callback(lambda _: self._forget(session_id))
+        self._metrics.session_started()
+        return info
+
+    def _forget(self, session_id: str) -> None:
+        self._pumps.pop(session_id, None)
+        self._last_arrival.pop(session_id, None)
+
+    async def stop(self, session_id: str, state: str, reason: str) -> bool:
+        """End a live upstream read with the given state; False if it was not live here."""
+        task = self._pumps.get(session_id)
+        if task is None:
+            return False
+        self._stop_as[session_id] = (state, reason)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(task)
+        return True
+
+    async def shutdown(self, grace: float) -> None:
+        """Let live reads finish for up to `grace` seconds, then end the rest interrupted."""
+        pending = list(self._pumps.values())
+        if pending:
+            log.info("waiting up to %.1fs for %d live streams", grace, len(pending))
+            await asyncio.wait(pending, timeout=grace)
+        rest = list(self._pumps)
+        if rest:
+            log.warning("%d streams still live after the grace period: interrupted", len(rest))
+        await asyncio.gather(
+            *(self.stop(sid, INTERRUPTED, "proxy shut down") for sid in rest),
+            return_exceptions=True,
+        )
+        await self.store.flush()
+
+    async def _pump(self, meta: SessionMeta, upstream: aiohttp.ClientResponse) -> None:
+        session_id = meta.session_id
+        config = self._config
+        metrics = self._metrics
+        last_arrival = self._last_arrival
+        previous = meta.request_ns
+        store = self.store
+        framer = SSEFramer(event_ids=config.session.event_ids)
+        encoding = upstream.headers.get("Content-Encoding", "identity").lower()
+        decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
+        state, reason = COMPLETE, ""
+        clock = time.time_ns
+        try:
+            async with asyncio.timeout(config.session.max_duration):
+                async for chunk in upstream.content.iter_any():
+                    arrival = clock()
+                    if decode is not None:
+                        chunk = decode(chunk)
+                    first = framer.next_id
+                    data, ends = framer.feed(chunk)
+                    if ends:
+                        store.append(session_id, first, data, ends, arrival)
+                        last_arrival[session_id] = arrival
+                        metrics.batch_logged(len(ends), len(data), arrival - previous, first == 1)
+                        previous = arrival
+            data, ends, clean = framer.finish()
+            if ends:
+                store.append(session_id, framer.next_id - len(ends), data, ends, clock())
+            if not clean:
+                state, reason = FAILED, "upstream ended in the middle of an event"
+        except MalformedStream as exc:
+            state, reason = FAILED, f"malformed stream: {exc}"
+        except aiohttp.ServerTimeoutError:
+            state, reason = FAILED, "upstream stalled past upstream.idle_timeout"
+        except TimeoutError:
+            state, reason = FAILED, "stream exceeded session.max_duration"
+        except (aiohttp.ClientError, ConnectionError) as exc:
+            state, reason = FAILED, f"upstream connection broke: {type(exc).__name__}"
+        except asyncio.CancelledError:
+            state, reason = self._stop_as.pop(session_id, (INTERRUPTED, "proxy shut down"))
+            store.end(session_id, state, reason, clock())
+            metrics.sessions_ended.labels(state).inc()
+            upstream.close()
+            raise
+        finally:
+            upstream.release()
+        if state != COMPLETE:
+            log.warning("session %s ended %s: %s", session_id, state, reason)
+        store.end(session_id, state, reason, clock())
+        metrics.sessions_ended.labels(state).inc()
+
+
+async def follow(
+    request: web.Request,
+    response: web.StreamResponse,
+    store: SessionStore,
+    session_id: str,
+    offset: int,
+    keepalive: float,
+    on_write: Callable[[int, bool], None] | None = None,
+) -> None:
+    """Replay events offset+1.. from the store, then follow the session live to its end.
+
+    No gap and no duplicate at the switch from replay to live: there is no switch. A reader
+    only ever asks the store for "events from n", whether they were logged an hour ago or a
+    millisecond ago, and waits when there are none yet.
+    """
+    next_event = offset + 1
+    last_write = time.monotonic()
+    write: Callable[[bytes], Awaitable[None]] = response.write
+    live = False  # True when the events about to be written were waited for, not replayed
+    while True:
+        data, count = await store.read(session_id, next_event, READ_BATCH_BYTES)
+        if count:
+            await write(data)
+            next_event += count
+            last_write = time.monotonic()
+            if on_write is not None:
+                on_write(count, live)
+            live = False
+            continue
+        info = await store.get(session_id)
+        if info is None:
+            return  # deleted under us
+        if info.state != STREAMING:
+            if info.events >= next_event:
+                continue  # its last events became readable together with its end
+            if info.state in ENDED_WITH_ERROR:
+                await write(error_event(info.state, info.reason))
+            return
+        idle = keepalive - (time.monotonic() - last_write)
+        if idle <= 0:
+            await write(KEEPALIVE)
+            last_write = time.monotonic()
+            continue
+        await store.wait(session_id, next_event - 1, idle)
+        live = True
