@@ -22,6 +22,7 @@ from .api import Api
 from .config import Config
 from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError
 from .metrics import Metrics
+from .mock_upstream import MockServer, serve_mock
 from .sessions import SessionManager
 from .storage import open_store
 
@@ -121,10 +122,11 @@ def _add_owned(app: web.Application, path: str, **methods: str) -> None:
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    mock_runner: web.AppRunner | None = None
+    mock: MockServer | None = None
     upstream_url = config.upstream.url
     if config.upstream.is_mock:
-        mock_runner, upstream_url = await _start_mock(config)
+        mock = await serve_mock(tokens=config.mock.tokens, interval_ms=config.mock.interval_ms)
+        upstream_url = mock.url
     store = open_store(config.storage)
     await store.start()
     client = aiohttp.ClientSession(
@@ -145,22 +147,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     finally:
         await client.close()
         await store.close()
-        if mock_runner is not None:
-            await mock_runner.cleanup()
-
-
-async def _start_mock(config: Config) -> tuple[web.AppRunner, str]:
-    from .mock_upstream import build_mock_app
-
-    runner = web.AppRunner(
-        build_mock_app(tokens=config.mock.tokens, interval_ms=config.mock.interval_ms),
-        access_log=None,
-    )
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
+        if mock is not None:
+            await mock.close()
 
 
 async def _shutdown(app: web.Application) -> None:

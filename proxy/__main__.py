@@ -1,0 +1,5 @@
+"""`python -m proxy` is the `resumable-proxy` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,221 @@
+"""Real parts for tests: free ports, the proxy in-process or as a process, a scripted upstream.
+
+Nothing here mocks a component of the proxy: the proxy runs exactly as `serve` builds it, on
+real TCP on 127.0.0.1, and the scripted upstream is a real HTTP server the tests control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from proxy.app import build_app
+from proxy.config import Config, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "sse"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def make_config(data_dir: Path, upstream: str = "mock", **overrides: Any) -> Config:
+    """A Config as the CLI would build it; overrides are dotted keys, e.g. session.keepalive."""
+    values = {"storage.dir": str(data_dir), "upstream.url": upstream, "server.port": 0}
+    values.update(overrides)
+    return load_config(None, values, environ={})
+
+
+@dataclass
+class RunningProxy:
+    url: str
+    app: web.Application
+    runner: web.AppRunner
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def run_proxy(config: Config) -> AsyncIterator[RunningProxy]:
+    """The real app on a real port in this event loop (fast to start, easy to inspect)."""
+    app = build_app(config)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    proxy = RunningProxy(f"http://127.0.0.1:{port}", app, runner)
+    try:
+        yield proxy
+    finally:
+        await runner.cleanup()
+
+
+@dataclass
+class ProxyProcess:
+    """`resumable-proxy serve` as a real child process, for kill -9 and signal tests."""
+
+    data_dir: Path
+    upstream: str = "mock"
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 15.0) -> ProxyProcess:
+        args = [
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--port",
+            str(self.port),
+            "--host",
+            "127.0.0.1",
+            "--data-dir",
+            str(self.data_dir),
+            "--upstream",
+            self.upstream,
+            *self.extra_args,
+        ]
+        self.log_path = self.data_dir.parent / f"proxy-{self.port}.log"
+        log_file = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            args,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **self.env},
+            cwd=ROOT,
+        )
+        log_file.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited at start-up:\n{self.log()}")
+            with contextlib.suppress(OSError):
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"proxy did not start in {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def kill(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+Step = bytes | float | Callable[[], Any]
+
+
+@dataclass
+class ScriptedUpstream:
+    """An upstream whose answer is a script: bytes are written, floats are pauses (seconds),
+    `CUT` drops the connection, and callables run (e.g. to set an asyncio.Event).
+
+    `calls` counts requests; `requests` keeps each request's method, path, headers and body.
+    """
+
+    script: list[Step] = field(default_factory=list)
+    status: int = 200
+    content_type: str = "text/event-stream"
+    headers: dict[str, str] = field(default_factory=dict)
+    calls: int = 0
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    async def start(self) -> ScriptedUpstream:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        port = free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        self.calls += 1
+        self.requests.append(
+            {
+                "method": request.method,
+                "path": request.path_qs,
+                "headers": dict(request.headers),
+                "body": await request.read(),
+            }
+        )
+        response = web.StreamResponse(status=self.status)
+        response.content_type = self.content_type
+        for name, value in self.headers.items():
+            response.headers[name] = value
+        await response.prepare(request)
+        for step in self.script:
+            if step is CUT:
+                assert request.transport is not None
+                request.transport.abort()
+                return response
+            if isinstance(step, bytes):
+                await response.write(step)
+            elif isinstance(step, float | int):
+                await asyncio.sleep(step)
+            else:
+                result = step()
+                if asyncio.iscoroutine(result):
+                    await result
+        await response.write_eof()
+        return response
+
+
+CUT: Any = object()
+
+
+async def read_sse(
+    session: aiohttp.ClientSession, url: str, *, method: str = "GET", **kwargs: Any
+) -> tuple[aiohttp.ClientResponse, bytes]:
+    """The whole body of a (finite) stream, with a hard time bound."""
+    async with asyncio.timeout(30):
+        async with session.request(method, url, **kwargs) as response:
+            return response, await response.read()
+
+
+def event_ids(body: bytes) -> list[int]:
+    return [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")]
