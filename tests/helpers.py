@@ -118,9 +118,11 @@ class ProxyProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"proxy exited at start-up:\n{self.log()}")
-            with contextlib.suppress(OSError):
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+            ):
+                return self
             time.sleep(0.05)
         self.kill()
         raise RuntimeError(f"proxy did not start in {timeout}s:\n{self.log()}")
