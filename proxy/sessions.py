@@ -92,6 +92,7 @@ class SessionManager:
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._stop_as: dict[str, tuple[str, str]] = {}
         self._last_arrival: dict[str, int] = {}
+        store.set_stop_handler(self._stop_local)
 
     @property
     def live_count(self) -> int:
@@ -119,7 +120,13 @@ class SessionManager:
         self._last_arrival.pop(session_id, None)
 
     async def stop(self, session_id: str, state: str, reason: str) -> bool:
-        """End a live upstream read with the given state; False if it was not live here."""
+        """End a live upstream read with the given state, here or on the replica reading it;
+        False if no one reads it any more."""
+        if await self._stop_local(session_id, state, reason):
+            return True
+        return await self.store.request_stop(session_id, state, reason)
+
+    async def _stop_local(self, session_id: str, state: str, reason: str) -> bool:
         task = self._pumps.get(session_id)
         if task is None:
             return False

@@ -11,7 +11,7 @@ whatever one upstream read produced, so the hot path does one append per read, n
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -116,3 +116,16 @@ class SessionStore(Protocol):
 
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
         """(first_event, count, arrival_ns) per logged batch, for the latency figures."""
+
+    def set_stop_handler(self, handler: StopHandler) -> None:
+        """Where stop requests from other replicas go (the local SessionManager.stop)."""
+
+    async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
+        """Ask whichever replica reads this session's upstream to end it with `state`.
+
+        Only called when this process does not read it. A single-process store has no other
+        replica and returns False; a shared store returns True once the request is delivered.
+        """
+
+
+StopHandler = Callable[[str, str, str], Awaitable[bool]]
