@@ -1,0 +1,567 @@
+"""`DiskStore`: the SessionStore on one shared segmented log (`log.py`), driven by the loop.
+
+Timing is the whole job of this module. Appends only frame bytes into a buffer; one
+`os.write` per loop turn drains it; fsync runs on one dedicated thread (group commit under
+`always`, a ticker under `interval`, nothing under `never`); readers are woken once the
+records they wait for are readable in the sense of the fsync mode. Live readers near the
+head are served from a small per-session tail in memory, which is also what keeps relaying
+alive while the disk refuses writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+from proxy.config import StorageConfig
+from proxy.errors import SessionConflict, SessionNotFound
+from proxy.storage.base import (
+    FAILED,
+    INTERRUPTED,
+    STREAMING,
+    SessionInfo,
+    SessionMeta,
+    StorageError,
+)
+from proxy.storage.log import (
+    DELETE,
+    END,
+    EVENTS,
+    OPEN,
+    Log,
+    Pending,
+    Segment,
+    SessionLog,
+    encode_index,
+    encode_meta,
+    frame_delete,
+    frame_end,
+    frame_events,
+    frame_open,
+    fsync_all,
+    seal_segment,
+    take_events,
+)
+
+logger = logging.getLogger("proxy.storage")
+
+_WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
+INTERRUPTED_REASON = "proxy stopped while streaming"
+
+
+@dataclass(slots=True)
+class _Tail:
+    """The newest batches of a streaming session, as appended: (first_event, data, ends)."""
+
+    batches: deque[tuple[int, bytes, Sequence[int]]] = field(default_factory=deque)
+    nbytes: int = 0
+
+
+class DiskStore:
+    """SessionStore on the segmented log; see FORMAT.md for what lands on disk."""
+
+    def __init__(
+        self,
+        config: StorageConfig,
+        *,
+        clock: Callable[[], int] = time.time_ns,
+        tail_bytes: int = 32768,
+        read_only: bool = False,
+    ) -> None:
+        self._config = config
+        self._directory = Path(config.dir)
+        self._clock = clock
+        self._tail_bytes = tail_bytes
+        self._read_only = read_only
+        self._log = Log(self._directory, config.segment_bytes, read_only=read_only)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._lock_fd = -1
+        self._buf = bytearray()
+        self._pending: list[Pending] = []
+        self._write_scheduled = False
+        self._tails: dict[str, _Tail] = {}
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._dirty: dict[int, Segment] = {}  # segments written since their last fsync
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="proxy-storage-fsync")
+        # Group commit (`always`): batches written but not yet covered by an fsync.
+        self._commit_queue: list[tuple[list[Pending], str | None]] = []
+        self._fsync_running = False
+        self._written_seq = 0
+        self._durable_seq = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._sealing: set[asyncio.Future[None]] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._healthy = True
+
+    @classmethod
+    def open_readonly(cls, directory: str | Path) -> DiskStore:
+        """Index a data dir for offline reading (the CLI): no lock, no writes, no truncation.
+
+        Safe beside a running proxy; what it sees is the log as of this call.
+        """
+        store = cls(StorageConfig(dir=Path(directory)), read_only=True)
+        store._recover()
+        return store
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    # lifecycle
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self._read_only:
+            self._recover()
+            return
+        try:
+            self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._lock_fd = os.open(
+                self._directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+            )
+        except OSError as exc:
+            raise StorageError(
+                f"cannot open data dir {self._directory}: {exc.strerror or exc}"
+            ) from exc
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            raise StorageError(f"data dir {self._directory} is in use by another process") from exc
+        try:
+            await asyncio.to_thread(self._log.recover)
+        except OSError as exc:
+            raise StorageError(f"cannot recover {self._directory}: {exc}") from exc
+        now = self._clock()
+        for slog in list(self._log.sessions.values()):
+            if slog.info is not None and slog.info.state == STREAMING:
+                self.end(slog.session_id, INTERRUPTED, INTERRUPTED_REASON, now)
+        await self.flush()
+        if self._config.fsync == "interval":
+            self._tasks.append(asyncio.create_task(self._fsync_ticker()))
+        self._tasks.append(asyncio.create_task(self._retention_ticker()))
+
+    def _recover(self) -> None:
+        if not self._directory.is_dir():
+            raise StorageError(f"data dir {self._directory} does not exist")
+        try:
+            self._log.recover()
+        except OSError as exc:
+            raise StorageError(f"cannot read {self._directory}: {exc}") from exc
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if not self._read_only and self._loop is not None:
+            await self.flush()
+            current = self._log.current
+            if current is not None and self._config.fsync != "never":
+                try:
+                    await self._loop.run_in_executor(self._executor, fsync_all, [current.fd])
+                except OSError as exc:
+                    self._trouble(exc, "fsync")
+        self._executor.shutdown(wait=True)
+        self._log.close()
+        for waiters in self._waiters.values():
+            _wake(waiters)
+        self._waiters.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    # the write side: never blocks, frames into the buffer
+
+    def create(self, meta: SessionMeta) -> SessionInfo:
+        session_id = meta.session_id
+        if session_id in self._log.sessions:
+            raise SessionConflict(f"session {session_id} already exists")
+        info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
+        slog = self._log.sessions[session_id] = SessionLog(session_id, info)
+        meta_json = encode_meta(meta)
+        start = len(self._buf)
+        length = frame_open(self._buf, slog.key, meta_json)
+        self._queue(Pending(OPEN, slog, start, length, 0, 0, meta.created_ns, 0, meta_json))
+        self._tails[session_id] = _Tail()
+        return info
+
+    def append(
+        self,
+        session_id: str,
+        first_event: int,
+        data: bytes,
+        ends: Sequence[int],
+        arrival_ns: int,
+    ) -> None:
+        slog = self._live(session_id)
+        if len(data) + 4 * len(ends) + 160 > self._log.max_record:
+            raise StorageError(f"session {session_id}: a batch of {len(data)} bytes is too big")
+        start = len(self._buf)
+        length = frame_events(self._buf, slog.key, first_event, arrival_ns, ends, data)
+        count = len(ends)
+        self._queue(
+            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), None)
+        )
+        tail = self._tails.get(session_id)
+        if tail is not None:
+            tail.batches.append((first_event, data, ends))
+            tail.nbytes += len(data)
+            while tail.nbytes > self._tail_bytes and len(tail.batches) > 1:
+                tail.nbytes -= len(tail.batches.popleft()[1])
+
+    def end(self, session_id: str, state: str, reason: str, ended_ns: int) -> None:
+        slog = self._live(session_id)
+        if slog.ended:
+            return
+        slog.ended = True
+        error = slog.info.storage_error if slog.info is not None else None
+        if error is not None:
+            state, reason = FAILED, f"storage error: {error}"
+        start = len(self._buf)
+        length = frame_end(self._buf, slog.key, state, reason, ended_ns)
+        self._queue(Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns)))
+
+    async def flush(self) -> None:
+        if self._loop is None or self._read_only:
+            return
+        self._write()
+        if self._durable_seq < self._written_seq:
+            waiter = self._loop.create_future()
+            self._flush_waiters.append((self._written_seq, waiter))
+            await waiter
+        if self._sealing:
+            await asyncio.gather(*self._sealing, return_exceptions=True)
+
+    def _live(self, session_id: str) -> SessionLog:
+        slog = self._log.sessions.get(session_id)
+        if slog is None or slog.info is None:
+            raise SessionNotFound(f"session {session_id} not found")
+        return slog
+
+    def _queue(self, record: Pending) -> None:
+        if self._read_only:
+            raise StorageError("the store was opened read-only")
+        self._pending.append(record)
+        if len(self._buf) >= _WRITE_NOW_BYTES:
+            self._write()
+        elif not self._write_scheduled:
+            self._write_scheduled = True
+            assert self._loop is not None, "DiskStore.start() was not awaited"
+            self._loop.call_soon(self._write)
+
+    def _write(self) -> None:
+        """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
+        self._write_scheduled = False
+        if not self._pending:
+            return
+        buf, records = self._buf, self._pending
+        self._buf, self._pending = bytearray(), []
+        try:
+            result = self._log.write(buf, records)
+        except Exception as exc:  # a bug must not kill the loop callback; treat as a failure
+            logger.exception("storage: unexpected error while writing the log")
+            result_written, error, sealed, touched = 0, OSError(str(exc)), [], []
+        else:
+            result_written, error, sealed, touched = result
+        for segment in touched:
+            self._dirty[segment.base] = segment
+        for segment in sealed:
+            self._seal(segment)
+        ok = records[:result_written]
+        failed = records[result_written:]
+        message = None
+        if error is not None:
+            message = self._trouble(error, "write")
+        else:
+            self._recovered()
+        if self._config.fsync == "always":
+            if ok:
+                self._commit_queue.append((ok, None))
+            if failed:
+                self._commit_queue.append((failed, message))
+            self._written_seq += 1
+            self._kick_fsync()
+        else:
+            self._publish(ok, None)
+            self._publish(failed, message)
+
+    def _seal(self, segment: Segment) -> None:
+        assert self._loop is not None
+        self._dirty.pop(segment.base, None)
+        index = encode_index(segment.size, segment.records, segment.runs)
+        segment.runs = []
+        job = self._loop.run_in_executor(
+            self._executor,
+            seal_segment,
+            segment.fd,
+            segment.index_path,
+            index,
+            self._config.fsync != "never",
+        )
+        self._sealing.add(job)
+        job.add_done_callback(partial(self._sealed, segment))
+
+    def _sealed(self, segment: Segment, job: asyncio.Future[None]) -> None:
+        self._sealing.discard(job)
+        error = job.exception()
+        if isinstance(error, OSError):
+            self._trouble(error, "fsync at segment roll")
+        elif error is not None:
+            logger.error("storage: sealing %s failed: %r", segment.path, error)
+        os.close(segment.fd)
+        segment.fd = -1
+        segment.sealed = True
+
+    def _kick_fsync(self) -> None:
+        """Start one fsync covering every batch queued so far, unless one is running."""
+        if self._fsync_running or not self._commit_queue:
+            return
+        assert self._loop is not None
+        batches, self._commit_queue = self._commit_queue, []
+        fds = [segment.fd for segment in self._dirty.values()]
+        self._dirty.clear()
+        self._fsync_running = True
+        job = self._loop.run_in_executor(self._executor, fsync_all, fds)
+        job.add_done_callback(partial(self._fsynced, batches, self._written_seq))
+
+    def _fsynced(
+        self, batches: list[tuple[list[Pending], str | None]], seq: int, job: asyncio.Future[None]
+    ) -> None:
+        self._fsync_running = False
+        error = job.exception()
+        message = self._trouble(error, "fsync") if isinstance(error, OSError) else None
+        if error is not None and message is None:
+            logger.error("storage: fsync failed: %r", error)
+            message = repr(error)
+        for records, write_error in batches:
+            self._publish(records, write_error or message)
+        self._durable_seq = seq
+        ready = [waiter for target, waiter in self._flush_waiters if target <= seq]
+        self._flush_waiters = [item for item in self._flush_waiters if item[0] > seq]
+        _wake(ready)
+        self._kick_fsync()
+
+    def _publish(self, records: Sequence[Pending], error: str | None) -> None:
+        """Make written records visible: update the sessions' infos and wake their readers."""
+        waiters = self._waiters
+        for record in records:
+            slog = record.slog
+            info = slog.info
+            if info is None:
+                continue
+            if error is not None:
+                info.storage_error = error
+            rtype = record.rtype
+            if rtype == EVENTS:
+                last = record.first_event + record.count - 1
+                if last > info.events:
+                    info.events = last
+                info.bytes += record.data_len
+                if record.first_event == 1:
+                    info.first_event_ns = record.stamp_ns
+                info.updated_ns = record.stamp_ns
+            elif rtype == END:
+                info.state, info.reason, info.updated_ns = record.extra
+                if info.storage_error is None:
+                    self._tails.pop(slog.session_id, None)
+            else:
+                continue
+            if not slog.deleted:
+                woken = waiters.pop(slog.session_id, None)
+                if woken:
+                    _wake(woken)
+
+    def _trouble(self, error: OSError, action: str) -> str:
+        """Note a disk failure; logged once per episode, not once per write."""
+        message = f"{action} failed: {error.strerror or error}"
+        if self._healthy:
+            logger.error(
+                "storage: %s in %s; relaying goes on from memory until the disk recovers",
+                message,
+                self._directory,
+            )
+            self._healthy = False
+        return message
+
+    def _recovered(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            logger.warning("storage: writes to %s succeed again", self._directory)
+
+    # background tasks
+
+    async def _fsync_ticker(self) -> None:
+        assert self._loop is not None
+        interval = self._config.fsync_interval_ms / 1000
+        while True:
+            await asyncio.sleep(interval)
+            if not self._dirty:
+                continue
+            fds = [segment.fd for segment in self._dirty.values()]
+            self._dirty.clear()
+            try:
+                await self._loop.run_in_executor(self._executor, fsync_all, fds)
+            except OSError as exc:
+                self._trouble(exc, "fsync")
+
+    async def _retention_ticker(self) -> None:
+        period = max(0.5, min(60.0, self._config.retention.ttl / 10))
+        while True:
+            await asyncio.sleep(period)
+            try:
+                self.retention_pass()
+            except Exception:  # retention must never stop for good
+                logger.exception("storage: retention pass failed")
+
+    def retention_pass(self, now_ns: int | None = None) -> int:
+        """Delete finished sessions past the ttl, then oldest first while over max_bytes;
+        reclaim the segments that frees. Returns how many sessions were deleted."""
+        now = self._clock() if now_ns is None else now_ns
+        ttl_ns = int(self._config.retention.ttl * 1e9)
+        finished = sorted(
+            (
+                slog
+                for slog in self._log.sessions.values()
+                if slog.info is not None and slog.info.state != STREAMING
+            ),
+            key=lambda slog: slog.info.updated_ns if slog.info is not None else 0,
+        )
+        deleted = 0
+        for slog in finished:
+            info = slog.info
+            assert info is not None
+            if now - info.updated_ns <= ttl_ns:
+                break
+            self._delete(slog, now)
+            deleted += 1
+        max_bytes = self._config.retention.max_bytes
+        if max_bytes is not None:
+            for slog in finished[deleted:]:
+                if self._log.total_bytes() <= max_bytes:
+                    break
+                self._delete(slog, now)
+                deleted += 1
+        self._log.reclaim(list(self._log.segments.values()))
+        return deleted
+
+    # the read side
+
+    async def delete(self, session_id: str) -> None:
+        slog = self._log.sessions.get(session_id)
+        if slog is not None:
+            self._delete(slog, self._clock())
+
+    def _delete(self, slog: SessionLog, now_ns: int) -> None:
+        del self._log.sessions[slog.session_id]
+        slog.deleted = True
+        start = len(self._buf)
+        length = frame_delete(self._buf, slog.key, now_ns)
+        self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
+        self._tails.pop(slog.session_id, None)
+        waiters = self._waiters.pop(slog.session_id, None)
+        if waiters:
+            _wake(waiters)
+        segments = self._log.segments
+        self._log.reclaim([segments[run.segment] for run in slog.runs if run.segment in segments])
+
+    async def get(self, session_id: str) -> SessionInfo | None:
+        slog = self._log.sessions.get(session_id)
+        return None if slog is None else slog.info
+
+    async def list(self) -> list[SessionInfo]:
+        infos = [slog.info for slog in self._log.sessions.values() if slog.info is not None]
+        infos.sort(key=lambda info: info.meta.created_ns, reverse=True)
+        return infos
+
+    async def read(self, session_id: str, start_event: int, max_bytes: int) -> tuple[bytes, int]:
+        slog = self._live(session_id)
+        info = slog.info
+        assert info is not None
+        start_event = max(start_event, 1)
+        last = info.events
+        if start_event > last:
+            return b"", 0
+        tail = self._tails.get(session_id)
+        if tail is not None and tail.batches and tail.batches[0][0] <= start_event:
+            return _read_tail(tail, start_event, last, max_bytes)
+        return self._log.read_events(slog, start_event, last, max_bytes)
+
+    async def wait(self, session_id: str, after_event: int, timeout: float) -> None:
+        slog = self._log.sessions.get(session_id)
+        if slog is None or slog.info is None or self._loop is None:
+            return
+        info = slog.info
+        if info.events > after_event or info.state != STREAMING or timeout <= 0:
+            return
+        waiter = self._loop.create_future()
+        waiters = self._waiters.setdefault(session_id, [])
+        waiters.append(waiter)
+        timer = self._loop.call_later(timeout, _wake, (waiter,))
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            current = self._waiters.get(session_id)
+            if current is not None and waiter in current:
+                current.remove(waiter)
+                if not current:
+                    del self._waiters[session_id]
+
+    async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
+        slog = self._live(session_id)
+        assert slog.info is not None
+        readable = slog.info.events
+        return [
+            (first, count, arrival)
+            for run in slog.event_runs
+            for first, count, arrival in zip(
+                run.first_events, run.counts, run.arrivals, strict=True
+            )
+            if first <= readable
+        ]
+
+
+def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+def _read_tail(tail: _Tail, start_event: int, last_event: int, max_bytes: int) -> tuple[bytes, int]:
+    """Serve a live reader from memory: no syscall, and the batches' bytes are shared."""
+    batches = tail.batches
+    position = len(batches) - 1
+    while batches[position][0] > start_event:
+        position -= 1
+    parts = []
+    events = 0
+    budget = max_bytes
+    while position < len(batches):
+        first, data, ends = batches[position]
+        if first > last_event or (first > start_event and events):
+            break
+        lo, hi, taken = take_events(ends, first, start_event, last_event, budget, events)
+        if taken:
+            parts.append(data if hi - lo == len(data) else data[lo:hi])
+            events += taken
+            budget -= hi - lo
+        available = min(first + len(ends) - 1, last_event) - max(start_event, first) + 1
+        if taken < available:
+            break
+        start_event = first + len(ends)
+        position += 1
+    return b"".join(parts), events
