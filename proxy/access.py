@@ -15,6 +15,8 @@ from aiohttp import web
 from .config import Config
 from .storage.base import SessionInfo
 
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+
 
 def credential_digest(request: web.Request, config: Config) -> str:
     """Hex SHA-256 of the bind header's value; "" when the caller sent none."""
@@ -60,7 +62,7 @@ def cors_middleware(config: Config) -> web.middleware:
         origin = _allowed_origin(request, config)
         if origin is None:
             return await handler(request)
-        request["cors_origin"] = origin
+        request[CORS_ORIGIN] = origin
         if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             response = web.Response(status=204)
             response.headers["Access-Control-Allow-Methods"] = _CORS_METHODS
@@ -79,7 +81,7 @@ def cors_on_prepare(config: Config):  # type: ignore[no-untyped-def]
     a middleware could touch them, so the headers go on here, just before they are sent."""
 
     async def hook(request: web.Request, response: web.StreamResponse) -> None:
-        origin = request.get("cors_origin")
+        origin = request.get(CORS_ORIGIN)
         if origin is None:
             return
         response.headers["Access-Control-Allow-Origin"] = origin

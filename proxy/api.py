@@ -39,6 +39,8 @@ from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta
 
 log = logging.getLogger("proxy.api")
 
+SESSION_ID = web.RequestKey("session_id", str)
+
 _OFFSET = re.compile(r"^\s*(\d{1,18})\s*$")
 # Headers a replay sends again; the rest of the upstream's headers described that one reply.
 _REPLAY_HEADERS = frozenset(
@@ -166,7 +168,7 @@ class Api:
     async def _serve_reader(
         self, request: web.Request, response: web.StreamResponse, session_id: str, offset: int
     ) -> web.StreamResponse:
-        request["session_id"] = session_id
+        request[SESSION_ID] = session_id
         metrics = self.metrics
         last_arrival_ns = self.manager.last_arrival_ns
 

@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from .access import cors_middleware, cors_on_prepare
-from .api import Api
+from .api import SESSION_ID, Api
 from .config import Config
 from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError
 from .metrics import Metrics
@@ -84,7 +84,7 @@ def _log_access(request: web.Request, status: int, seconds: float, json_lines: b
         "path": request.path,
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
-        "session_id": request.get("session_id"),
+        "session_id": request.get(SESSION_ID),
     }
     if json_lines:
         access_log.info(json.dumps(fields))

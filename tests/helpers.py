@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -221,3 +222,49 @@ async def read_sse(
 
 def event_ids(body: bytes) -> list[int]:
     return [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")]
+
+
+class ThreadedProxy:
+    """The real app in its own event loop on a background thread, so synchronous clients
+    (the sync openai SDK, httpx) can drive it from the test's thread exactly as users do."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._context: Any = None
+        self.proxy: RunningProxy | None = None
+
+    def __enter__(self) -> ThreadedProxy:
+        self._thread.start()
+        self._context = run_proxy(self.config)
+        self.proxy = self.call(self._context.__aenter__())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.call(self._context.__aexit__(None, None, None))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def call(self, coroutine: Any, timeout: float = 30.0) -> Any:
+        """Run a coroutine on the proxy's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
+
+    @property
+    def url(self) -> str:
+        assert self.proxy is not None
+        return self.proxy.url
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def upstream_url(self) -> str:
+        from proxy.app import API
+
+        assert self.proxy is not None
+        return self.proxy.app[API].upstream_url
