@@ -127,7 +127,7 @@ class Api:
         self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
     ) -> web.StreamResponse:
         if not may_access(request, self.config, info):
-            raise SessionNotFound(f"no session {info.session_id}")
+            raise SessionNotFound("no such session")
         meta = info.meta
         if (meta.method, meta.path, meta.body_sha256) != (
             outgoing.method,
@@ -201,7 +201,7 @@ class Api:
         session_id = check_session_id(request.match_info["session_id"])
         info = await self.store.get(session_id)
         if info is None or not may_access(request, self.config, info):
-            raise SessionNotFound(f"no session {session_id}")
+            raise SessionNotFound("no such session")
         return info
 
     async def session_events(self, request: web.Request) -> web.StreamResponse:
