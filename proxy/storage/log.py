@@ -708,9 +708,9 @@ class Log:
     def reclaim(self, candidates: Iterable[Segment]) -> int:
         """Unlink sealed segments that hold only deleted sessions; returns bytes freed.
 
-        A deleted session's last segment holds its DELETE record, so it goes only after every
-        older segment of that session: otherwise a restart would find the OPEN without the
-        DELETE and bring the session back.
+        A segment holding a session's DELETE record goes only after every older segment of
+        that session: otherwise a restart would find the OPEN without the DELETE and bring
+        the session back.
         """
         freed = 0
         for segment in sorted(set(candidates), key=lambda s: s.base):
@@ -720,7 +720,9 @@ class Log:
                 or segment.base not in self.segments
                 or not all(holder.deleted for holder in segment.holders)
                 or any(
-                    holder.runs[-1].segment == segment.base and len(holder.runs) > 1
+                    holder.runs[-1].segment == segment.base
+                    and holder.runs[-1].deleted
+                    and len(holder.runs) > 1
                     for holder in segment.holders
                 )
             ):
