@@ -31,6 +31,7 @@ from proxy.storage.base import (
     STREAMING,
     SessionInfo,
     SessionMeta,
+    StopHandler,
     StorageError,
 )
 from proxy.storage.log import (
@@ -533,6 +534,13 @@ class DiskStore:
             )
             if first <= readable
         ]
+
+    def set_stop_handler(self, handler: StopHandler) -> None:
+        """One process owns the data dir (the lock), so every live session is read here and
+        stop requests never come from elsewhere."""
+
+    async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
+        return False
 
 
 def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:
