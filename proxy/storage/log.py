@@ -784,9 +784,17 @@ def _events_from(
         body = pos + HEADER.size + 1 + raw[pos + HEADER.size]
         first, count, _ = _EVENTS_FIXED.unpack_from(raw, body)
         data_start = body + _EVENTS_FIXED.size + 4 * count
-        ends = _ends_view(view[body + _EVENTS_FIXED.size : data_start])
         if first > start_event and events:
             break  # a gap: events that were never stored; the next read reports it
+        if first == start_event and first + count - 1 <= last_event and end - data_start <= budget:
+            parts.append(view[data_start:end])  # the common case: the whole batch
+            events += count
+            budget -= end - data_start
+            if first + count - 1 == last_event:
+                break
+            start_event = first + count
+            continue
+        ends = _ends_view(view[body + _EVENTS_FIXED.size : data_start])
         lo, hi, taken = take_events(ends, first, start_event, last_event, budget, events)
         if taken:
             parts.append(view[data_start + lo : data_start + hi])
