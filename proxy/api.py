@@ -9,7 +9,6 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from importlib import resources
 
 import aiohttp
@@ -24,7 +23,6 @@ from .errors import (
     SessionConflict,
     SessionNotFound,
 )
-from .latency import session_figures
 from .metrics import Metrics
 from .relay import (
     UpstreamRequest,
@@ -36,6 +34,7 @@ from .relay import (
 )
 from .sessions import SessionManager, check_session_id, follow, new_session_id
 from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta
+from .summary import iso_time, session_details, session_summary
 
 log = logging.getLogger("proxy.api")
 
@@ -53,14 +52,6 @@ def parse_offset(value: str, source: str) -> int:
     if match is None:
         raise InvalidOffset(f"{source} must be a non-negative integer, got {value[:40]!r}")
     return int(match.group(1))
-
-
-def _iso(ns: int) -> str:
-    return (
-        datetime.fromtimestamp(ns / 1e9, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
 
 
 @dataclass(slots=True)
@@ -215,11 +206,8 @@ class Api:
 
     async def get_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
-        body = self._describe(info)
-        body.update(
-            session_figures(info.meta.request_ns, await self.store.arrivals(info.session_id))
-        )
-        return web.json_response(body)
+        arrivals = await self.store.arrivals(info.session_id)
+        return web.json_response(session_details(info, arrivals))
 
     async def delete_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
@@ -232,7 +220,7 @@ class Api:
         await self.manager.stop(info.session_id, "cancelled", "cancelled by a client")
         await self.store.flush()
         current = await self.store.get(info.session_id) or info
-        return web.json_response(self._describe(current))
+        return web.json_response(session_summary(current))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
@@ -243,27 +231,12 @@ class Api:
             raise NotFound("no sessions for this caller")
         caller = credential_digest(request, self.config)
         sessions = [
-            self._describe(info)
+            session_summary(info)
             for info in await self.store.list()
             if (admin or info.meta.credential_sha256 == caller)
             and (state is None or info.state == state)
         ]
         return web.json_response({"object": "list", "data": sessions})
-
-    def _describe(self, info: SessionInfo) -> dict[str, object]:
-        meta = info.meta
-        return {
-            "id": meta.session_id,
-            "state": info.state,
-            "reason": info.reason,
-            "events": info.events,
-            "bytes": info.bytes,
-            "created_at": _iso(meta.created_ns),
-            "updated_at": _iso(info.updated_ns or meta.created_ns),
-            "method": meta.method,
-            "path": meta.path,
-            "upstream_status": meta.upstream_status,
-        }
 
     async def healthz(self, request: web.Request) -> web.Response:
         healthy = self.store.healthy
@@ -271,7 +244,7 @@ class Api:
             "status": "ok" if healthy else "unhealthy",
             "storage": "ok" if healthy else "unwritable",
             "live_sessions": self.manager.live_count,
-            "time": _iso(time.time_ns()),
+            "time": iso_time(time.time_ns()),
         }
         return web.json_response(body, status=200 if healthy else 503)
 

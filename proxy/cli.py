@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 
 from .config import Config, ConfigError, load_config
+from .errors import ProxyError
 from .logs import setup_logging
 from .storage.base import StorageError
 
@@ -165,5 +166,7 @@ def sessions_cat(
 def _run_offline(command: Any, *args: Any) -> None:
     try:
         command(*args)
+    except ProxyError as exc:
+        _fail(f"error: {exc.message}", code=1)
     except (StorageError, LookupError, ValueError) as exc:
         _fail(f"error: {exc}", code=1)

@@ -1,0 +1,103 @@
+"""`resumable-proxy sessions ...`: read a data dir without a running proxy, or beside one.
+
+The store is opened read-only: no lock, no truncation, no writes, so this is safe while a
+proxy appends to the same dir; it sees the log as of the moment it opened it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .sessions import check_session_id, error_event
+from .storage.base import ENDED_WITH_ERROR, StorageError
+from .storage.disk import DiskStore
+from .summary import session_details
+
+_CAT_BATCH_BYTES = 1024 * 1024
+_SEGMENT_NAME = re.compile(r"^\d{20}\.log$")
+
+
+def _open(directory: Path) -> DiskStore:
+    if not directory.is_dir():
+        raise StorageError(f"{directory} does not exist or is not a directory")
+    segments = [path for path in directory.glob("*.log") if _SEGMENT_NAME.match(path.name)]
+    if not segments and not (directory / "LOCK").exists():
+        raise StorageError(f"{directory} is not a resumable-proxy data dir (no *.log segments)")
+    return DiskStore.open_readonly(directory)
+
+
+def _age(created_at_ns: int) -> str:
+    seconds = max(0, int(time.time() - created_at_ns / 1e9))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def list_sessions(directory: Path) -> None:
+    store = _open(directory)
+    sessions = asyncio.run(store.list())
+    rows = [("ID", "STATE", "EVENTS", "BYTES", "AGE", "PATH")]
+    for info in sessions:
+        rows.append(
+            (
+                info.session_id,
+                info.state,
+                str(info.events),
+                str(info.bytes),
+                _age(info.meta.created_ns),
+                f"{info.meta.method} {info.meta.path.split('?')[0]}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        click.echo("  ".join([*cells, row[-1]]))
+
+
+async def _details(store: DiskStore, session_id: str) -> dict[str, object]:
+    info = await store.get(session_id)
+    if info is None:
+        raise LookupError(f"no session {session_id}")
+    return session_details(info, await store.arrivals(session_id))
+
+
+def show_session(directory: Path, session_id: str) -> None:
+    check_session_id(session_id)
+    details = asyncio.run(_details(_open(directory), session_id))
+    figures = details.pop("inter_event_ms")
+    for key, value in details.items():
+        click.echo(f"{key + ':':<17} {'' if value is None else value}")
+    assert isinstance(figures, dict)
+    for key, value in figures.items():
+        click.echo(f"{'inter_event_' + key + ':':<17} {'' if value is None else value} ms")
+
+
+async def _cat(store: DiskStore, session_id: str, offset: int) -> None:
+    info = await store.get(session_id)
+    if info is None:
+        raise LookupError(f"no session {session_id}")
+    if offset > info.events:
+        raise ValueError(f"offset {offset} is past the end ({info.events} events)")
+    out = sys.stdout.buffer
+    next_event = offset + 1
+    while True:
+        data, count = await store.read(session_id, next_event, _CAT_BATCH_BYTES)
+        if not count:
+            break
+        out.write(data)
+        next_event += count
+    if info.state in ENDED_WITH_ERROR:
+        out.write(error_event(info.state, info.reason))
+    out.flush()
+
+
+def cat_session(directory: Path, session_id: str, offset: int) -> None:
+    check_session_id(session_id)
+    asyncio.run(_cat(_open(directory), session_id, offset))

@@ -1,0 +1,178 @@
+"""The proxy as a real process: kill -9 and restart, SIGTERM with live streams, offline CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .helpers import ROOT, ProxyProcess, event_ids
+
+AUTH = {"Authorization": "Bearer sk-carol"}
+
+
+def body(tokens: int, interval_ms: float) -> dict[str, object]:
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "a long answer"}],
+        "stream": True,
+        "mock_tokens": tokens,
+        "mock_interval_ms": interval_ms,
+    }
+
+
+@pytest.fixture
+def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.kill()
+
+
+def start(proxies: list[ProxyProcess], data_dir: Path, *args: str) -> ProxyProcess:
+    proxy = ProxyProcess(data_dir, extra_args=list(args))
+    proxies.append(proxy)
+    return proxy.start()
+
+
+def read_events(chunks: Iterator[bytes], count: int) -> bytes:
+    """Bytes as the client got them, until at least `count` whole events arrived."""
+    seen = b""
+    for chunk in chunks:
+        seen += chunk
+        if seen.count(b"\n\n") >= count:
+            break
+    return seen
+
+
+def whole_events(seen: bytes) -> bytes:
+    return seen[: seen.rindex(b"\n\n") + 2]
+
+
+def test_kill9_mid_stream_then_restart_keeps_every_event_a_client_saw(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    first = start(proxies, data_dir)
+    with httpx.Client(timeout=20) as http:
+        with http.stream(
+            "POST", first.url + "/v1/chat/completions", json=body(2000, 5), headers=AUTH
+        ) as response:
+            session_id = response.headers["X-Resume-Session-Id"]
+            seen = whole_events(read_events(response.iter_raw(), 40))
+            first.kill()
+        second = start(proxies, data_dir)
+        info = http.get(f"{second.url}/sessions/{session_id}", headers=AUTH).json()
+        replay = http.get(f"{second.url}/sessions/{session_id}/events", headers=AUTH).content
+    assert info["state"] == "interrupted"
+    assert info["events"] >= 40
+    assert replay.startswith(seen)
+    assert event_ids(replay) == list(range(1, info["events"] + 1))
+    final = json.loads(replay[replay.rindex(b"data: ") + 6 :])
+    assert final["error"]["code"] == "interrupted"
+
+
+def test_sigterm_lets_live_streams_finish_within_grace_and_exits_0(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    proxy = start(proxies, tmp_path / "data")
+    with httpx.Client(timeout=20) as http:
+        with http.stream(
+            "POST", proxy.url + "/v1/chat/completions", json=body(40, 20), headers=AUTH
+        ) as response:
+            chunks = response.iter_raw()
+            seen = read_events(chunks, 3)
+            assert proxy.process is not None
+            proxy.process.terminate()
+            rest = b"".join(chunks)
+    assert proxy.process.wait(20) == 0
+    whole = seen + rest
+    assert event_ids(whole) == list(range(1, 44))
+    assert whole.endswith(b"data: [DONE]\n\n")
+
+
+def test_sigterm_past_grace_ends_streams_interrupted_with_error_event(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    config = tmp_path / "proxy.yaml"
+    config.write_text("server:\n  shutdown_grace: 500ms\n")
+    data_dir = tmp_path / "data"
+    proxy = start(proxies, data_dir, "--config", str(config))
+    with httpx.Client(timeout=20) as http:
+        with http.stream(
+            "POST", proxy.url + "/v1/chat/completions", json=body(1000, 10), headers=AUTH
+        ) as response:
+            session_id = response.headers["X-Resume-Session-Id"]
+            chunks = response.iter_raw()
+            seen = read_events(chunks, 3)
+            assert proxy.process is not None
+            started = time.monotonic()
+            proxy.process.terminate()
+            rest = b"".join(chunks)
+        assert proxy.process.wait(20) == 0
+        assert time.monotonic() - started < 10
+        whole = seen + rest
+        assert b'"code":"interrupted"' in whole[whole.rindex(b"data: ") :]
+        again = start(proxies, data_dir)
+        info = http.get(f"{again.url}/sessions/{session_id}", headers=AUTH).json()
+        replay = http.get(f"{again.url}/sessions/{session_id}/events", headers=AUTH).content
+    assert info["state"] == "interrupted"
+    assert replay == whole
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "sessions", *args],
+        capture_output=True,
+        timeout=30,
+        cwd=ROOT,
+    )
+
+
+def test_offline_cli_reads_a_data_dir_while_the_proxy_writes_it(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    data_dir = tmp_path / "data"
+    proxy = start(proxies, data_dir)
+    with httpx.Client(timeout=20) as http:
+        done = http.post(proxy.url + "/v1/chat/completions", json=body(5, 0), headers=AUTH)
+        finished_id = done.headers["X-Resume-Session-Id"]
+        with http.stream(
+            "POST", proxy.url + "/v1/chat/completions", json=body(500, 10), headers=AUTH
+        ) as response:
+            live_id = response.headers["X-Resume-Session-Id"]
+            read_events(response.iter_raw(), 5)
+            listing = run_cli("ls", "--data-dir", str(data_dir))
+            shown = run_cli("show", live_id, "--data-dir", str(data_dir))
+            cat = run_cli("cat", finished_id, "--offset", "5", "--data-dir", str(data_dir))
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "STATE", "EVENTS", "BYTES", "AGE", "PATH"]
+    assert lines[1].split()[:2] == [live_id, "streaming"]  # newest first
+    assert lines[2].split()[:2] == [finished_id, "complete"]
+    assert shown.returncode == 0
+    assert b"ttft_ms:" in shown.stdout and b"state:            streaming" in shown.stdout
+    assert cat.returncode == 0
+    assert event_ids(cat.stdout) == [6, 7, 8]
+    assert cat.stdout.endswith(b"data: [DONE]\n\n")
+
+
+def test_offline_cli_errors_are_one_line(tmp_path: Path) -> None:
+    not_data = tmp_path / "elsewhere"
+    not_data.mkdir()
+    (not_data / "notes.log").write_text("hello")
+    result = run_cli("ls", "--data-dir", str(not_data))
+    assert result.returncode == 1
+    assert (
+        result.stderr.decode()
+        .strip()
+        .endswith("is not a resumable-proxy data dir (no *.log segments)")
+    )
+    missing = run_cli("show", "abcdefghij", "--data-dir", str(tmp_path / "nope"))
+    assert missing.returncode == 1 and b"does not exist" in missing.stderr
