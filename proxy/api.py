@@ -253,7 +253,7 @@ class Api:
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def resume_js(self, request: web.Request) -> web.Response:
-        text = resources.files("proxy.client").joinpath("resume.js").read_text("utf-8")
+        text = resources.files("proxy").joinpath("client", "resume.js").read_text("utf-8")
         return web.Response(
             text=text,
             content_type="text/javascript",
@@ -263,5 +263,5 @@ class Api:
     async def demo(self, request: web.Request) -> web.Response:
         if not self.config.demo_enabled:
             raise NotFound("the demo page is off (server.demo)")
-        text = resources.files("proxy.client").joinpath("demo.html").read_text("utf-8")
+        text = resources.files("proxy").joinpath("client", "demo.html").read_text("utf-8")
         return web.Response(text=text, content_type="text/html")
