@@ -379,6 +379,8 @@ class RedisStore:
         live.batches.append((first_event, data, ends))
         live.tail_bytes += len(data)
         live.queued_events = first_event + len(ends) - 1
+        if first_event == 1:
+            live.info.first_event_ns = arrival_ns
         live.queued_bytes += len(data)
         self._batches.append((live, first_event, data, ends, arrival_ns))
         self._schedule()
@@ -531,8 +533,6 @@ class RedisStore:
             if live.lost is None:
                 live.stored_events += count
                 live.stored_bytes += len(data)
-            if info.first_event_ns is None and first == 1:
-                info.first_event_ns = arrival
             info.events = first + count - 1
             info.bytes += len(data)
             info.updated_ns = arrival

@@ -1,0 +1,371 @@
+"""RedisStore against a real redis-server: what the sessions layer relies on, and the replica
+machinery (heartbeats, interruption, stop requests, losing Redis) with two stores on one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from proxy.config import RetentionConfig, StorageConfig
+from proxy.errors import SessionConflict
+from proxy.storage.base import (
+    CANCELLED,
+    COMPLETE,
+    FAILED,
+    INTERRUPTED,
+    STREAMING,
+    SessionMeta,
+    StorageError,
+)
+from proxy.storage.redis import RedisStore, take_events
+
+from ..helpers import free_port
+from ..redis_server import RedisServer, redis_available
+
+pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
+    client = Redis.from_url(redis_server.url)
+    await client.flushall()
+    await client.aclose()
+    yield redis_server.url
+
+
+def storage(url: str, ttl: float = 3600.0) -> StorageConfig:
+    return StorageConfig(backend="redis", redis_url=url, retention=RetentionConfig(ttl=ttl))
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def other(redis_url: str) -> AsyncIterator[RedisStore]:
+    """A second replica on the same Redis."""
+    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
+    await opened.start()
+    yield opened
+    await opened.close()
+
+
+def meta(session_id: str = "session-0001", created_ns: int | None = None) -> SessionMeta:
+    now = created_ns or time.time_ns()
+    return SessionMeta(
+        session_id=session_id,
+        method="POST",
+        path="/v1/chat/completions",
+        body_sha256="ab" * 32,
+        credential_sha256="cd" * 32,
+        created_ns=now,
+        request_ns=now,
+        upstream_status=200,
+        headers=(("Content-Type", "text/event-stream"),),
+    )
+
+
+def event(n: int, size: int = 20) -> bytes:
+    return b"id: %d\ndata: %s\n\n" % (n, b"x" * size)
+
+
+def batch(first: int, count: int, size: int = 20) -> tuple[bytes, list[int]]:
+    data = b""
+    ends = []
+    for n in range(first, first + count):
+        data += event(n, size)
+        ends.append(len(data))
+    return data, ends
+
+
+def append(store: RedisStore, session_id: str, first: int, count: int, size: int = 20) -> None:
+    data, ends = batch(first, count, size)
+    store.append(session_id, first, data, ends, time.time_ns())
+
+
+async def read_all(store: RedisStore, session_id: str, start: int = 1) -> bytes:
+    out = b""
+    while True:
+        data, count = await store.read(session_id, start, 1 << 20)
+        if not count:
+            return out
+        out += data
+        start += count
+
+
+def test_take_events_cuts_batches_at_whole_events() -> None:
+    batches = [(1, *batch(1, 3)), (4, *batch(4, 2))]
+    whole = b"".join(event(n) for n in range(1, 6))
+    assert take_events(batches, 1, 1 << 20) == (whole, 5)
+    assert take_events(batches, 2, 1 << 20) == (whole[len(event(1)) :], 4)
+    assert take_events(batches, 5, 1 << 20) == (event(5), 1)
+    assert take_events(batches, 6, 1 << 20) == (b"", 0)
+    assert take_events(batches, 2, 1) == (event(2), 1)  # at least one whole event
+    assert take_events(batches, 1, len(event(1)) * 4) == (whole[: len(event(1)) * 4], 4)
+
+
+async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
+    store: RedisStore, other: RedisStore
+) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 3)
+    append(store, "session-0001", 4, 1)
+    append(store, "session-0001", 5, 4)
+    await store.flush()
+    whole = b"".join(event(n) for n in range(1, 9))
+    for start in range(1, 10):
+        expected = b"".join(event(n) for n in range(start, 9))
+        assert await read_all(store, "session-0001", start) == expected
+        assert await read_all(other, "session-0001", start) == expected
+    assert (await other.read("session-0001", 2, 1)) == (event(2), 1)
+    info = await other.get("session-0001")
+    assert info is not None
+    assert (info.state, info.events, info.bytes) == (STREAMING, 8, len(whole))
+
+
+async def test_replay_from_redis_when_the_local_tail_moved_on(store: RedisStore) -> None:
+    store.create(meta())
+    for first in range(1, 401, 4):
+        append(store, "session-0001", first, 4, size=200)
+    await store.flush()
+    expected = b"".join(event(n, 200) for n in range(1, 401))
+    assert await read_all(store, "session-0001") == expected
+
+
+async def test_end_records_state_and_finished_keys_expire(redis_url: str) -> None:
+    store = RedisStore(storage(redis_url, ttl=60))
+    await store.start()
+    try:
+        store.create(meta())
+        append(store, "session-0001", 1, 2)
+        store.end("session-0001", COMPLETE, "", time.time_ns())
+        await store.flush()
+        info = await store.get("session-0001")
+        assert info is not None
+        assert (info.state, info.events) == (COMPLETE, 2)
+        assert info.first_event_ns is not None
+        client = Redis.from_url(redis_url)
+        for key in ("rp:{session-0001}:meta", "rp:{session-0001}:events"):
+            assert 0 < await client.pttl(key) <= 60_000
+        await client.aclose()
+    finally:
+        await store.close()
+
+
+async def test_live_session_keys_expire_eventually(store: RedisStore, redis_url: str) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 1)
+    await store.flush()
+    client = Redis.from_url(redis_url)
+    for key in ("rp:{session-0001}:meta", "rp:{session-0001}:events"):
+        assert await client.pttl(key) > 3600_000
+    await client.aclose()
+
+
+async def test_wait_wakes_local_and_remote_readers_on_append_and_end(
+    store: RedisStore, other: RedisStore
+) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 1)
+    await store.flush()
+
+    async def waited(reader: RedisStore, after: int) -> float:
+        started = time.monotonic()
+        await reader.wait("session-0001", after, 5.0)
+        return time.monotonic() - started
+
+    local = asyncio.create_task(waited(store, 1))
+    remote = asyncio.create_task(waited(other, 1))
+    await asyncio.sleep(0.2)
+    append(store, "session-0001", 2, 1)
+    assert await local < 1.0
+    assert await remote < 1.0
+
+    local = asyncio.create_task(waited(store, 2))
+    remote = asyncio.create_task(waited(other, 2))
+    await asyncio.sleep(0.2)
+    store.end("session-0001", COMPLETE, "", time.time_ns())
+    assert await local < 1.0
+    assert await remote < 1.0
+    info = await other.get("session-0001")
+    assert info is not None and (info.state, info.events) == (COMPLETE, 2)
+
+
+async def test_wait_returns_after_timeout_when_nothing_comes(
+    store: RedisStore, other: RedisStore
+) -> None:
+    store.create(meta())
+    await store.flush()
+    for reader in (store, other):
+        started = time.monotonic()
+        await reader.wait("session-0001", 0, 0.2)
+        assert 0.15 < time.monotonic() - started < 1.0
+
+
+async def test_delete_forgets_everywhere(store: RedisStore, other: RedisStore) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 2)
+    store.end("session-0001", CANCELLED, "cancelled by a client", time.time_ns())
+    await store.delete("session-0001")
+    assert await store.get("session-0001") is None
+    assert await other.get("session-0001") is None
+    assert await other.read("session-0001", 1, 1024) == (b"", 0)
+    assert [info.session_id for info in await other.list()] == []
+
+
+async def test_list_is_newest_first_across_replicas(store: RedisStore, other: RedisStore) -> None:
+    base = time.time_ns()
+    store.create(meta("session-old", base))
+    other.create(meta("session-mid", base + 1000))
+    store.create(meta("session-new", base + 2000))
+    store.end("session-old", COMPLETE, "", time.time_ns())
+    await store.flush()
+    await other.flush()
+    for reader in (store, other):
+        listed = [(info.session_id, info.state) for info in await reader.list()]
+        assert listed == [
+            ("session-new", STREAMING),
+            ("session-mid", STREAMING),
+            ("session-old", COMPLETE),
+        ]
+
+
+async def test_arrivals_give_one_entry_per_batch(store: RedisStore, other: RedisStore) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 3)
+    append(store, "session-0001", 4, 2)
+    store.end("session-0001", COMPLETE, "", time.time_ns())
+    await store.flush()
+    arrivals = await other.arrivals("session-0001")
+    assert [(first, count) for first, count, _ in arrivals] == [(1, 3), (4, 2)]
+
+
+async def test_an_existing_id_is_a_conflict(store: RedisStore) -> None:
+    store.create(meta())
+    with pytest.raises(SessionConflict):
+        store.create(meta())
+
+
+async def test_stop_request_reaches_the_owning_replica(
+    store: RedisStore, other: RedisStore
+) -> None:
+    stopped: list[tuple[str, str, str]] = []
+
+    async def handler(session_id: str, state: str, reason: str) -> bool:
+        stopped.append((session_id, state, reason))
+        store.end(session_id, state, reason, time.time_ns())
+        return True
+
+    store.set_stop_handler(handler)
+    store.create(meta())
+    append(store, "session-0001", 1, 1)
+    await store.flush()
+    assert await other.request_stop("session-0001", CANCELLED, "cancelled by a client")
+    assert stopped == [("session-0001", CANCELLED, "cancelled by a client")]
+    info = await other.get("session-0001")
+    assert info is not None and (info.state, info.events) == (CANCELLED, 1)
+    assert not await other.request_stop("session-0001", CANCELLED, "again")
+
+
+async def test_a_dead_replicas_sessions_become_interrupted(
+    store: RedisStore, other: RedisStore
+) -> None:
+    store.create(meta())
+    append(store, "session-0001", 1, 3)
+    await store.flush()
+    for task in store._tasks:  # the replica freezes: no more heartbeats
+        task.cancel()
+    started = time.monotonic()
+    while True:
+        info = await other.get("session-0001")
+        assert info is not None
+        if info.state != STREAMING:
+            break
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.05)
+    assert (info.state, info.events) == (INTERRUPTED, 3)
+    assert await read_all(other, "session-0001") == b"".join(event(n) for n in range(1, 4))
+    assert not await other.request_stop("session-0001", CANCELLED, "too late")
+
+
+async def test_sweep_interrupts_without_anyone_asking(
+    store: RedisStore, other: RedisStore, redis_url: str
+) -> None:
+    store.create(meta())
+    await store.flush()
+    for task in store._tasks:
+        task.cancel()
+    client = Redis.from_url(redis_url)
+    deadline = time.monotonic() + 5
+    while await client.hget("rp:{session-0001}:meta", "state") == b"streaming":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    assert await client.hget("rp:{session-0001}:meta", "state") == b"interrupted"
+    await client.aclose()
+
+
+async def test_unreachable_redis_at_start_is_one_clear_line() -> None:
+    store = RedisStore(storage(f"redis://:secret@127.0.0.1:{free_port()}/0"), socket_timeout=0.5)
+    with pytest.raises(StorageError) as raised:
+        await store.start()
+    message = str(raised.value)
+    assert message.startswith("cannot reach redis at redis://:***@127.0.0.1:")
+    assert "\n" not in message and "secret" not in message
+
+
+async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
+    tmp_path: Path,
+) -> None:
+    server = RedisServer(tmp_path / "redis").start()
+    store = RedisStore(
+        storage(server.url), heartbeat_interval=0.1, heartbeat_ttl=0.5, socket_timeout=0.5
+    )
+    try:
+        await store.start()
+        store.create(meta())
+        append(store, "session-0001", 1, 2)
+        await store.flush()
+        server.kill()
+        append(store, "session-0001", 3, 2)
+        await store.flush()
+        assert not store.healthy
+        data, count = await store.read("session-0001", 3, 1 << 20)
+        assert (data, count) == (event(3) + event(4), 2)
+        await store.wait("session-0001", 4, 0.05)  # neither raises nor spins
+        server.start()
+        deadline = time.monotonic() + 5
+        while not store.healthy:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        append(store, "session-0001", 5, 1)
+        store.end("session-0001", COMPLETE, "", time.time_ns())
+        await store.flush()
+        while "session-0001" in store._live:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        info = await store.get("session-0001")
+        assert info is not None
+        assert info.state == FAILED
+        assert "redis" in info.reason
+        # The restarted Redis kept nothing, so no event is claimed that it cannot give back.
+        assert info.events == 0
+    finally:
+        await store.close()
+        server.stop()
