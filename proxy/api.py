@@ -33,7 +33,7 @@ from .relay import (
     send_upstream,
 )
 from .sessions import SessionManager, check_session_id, follow, new_session_id
-from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta
+from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
 from .summary import iso_time, session_details, session_summary
 
 log = logging.getLogger("proxy.api")
@@ -63,7 +63,7 @@ class Api:
     metrics: Metrics
 
     @property
-    def store(self):  # type: ignore[no-untyped-def]
+    def store(self) -> SessionStore:
         return self.manager.store
 
     # --- the proxied catch-all -------------------------------------------------------------

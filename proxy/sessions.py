@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import SESSION_ID_PATTERN, Config
-from .errors import ERROR_TYPE, InvalidSessionId
+from .errors import ERROR_TYPE, InvalidSessionId, SessionNotFound
 from .metrics import Metrics
 from .sse import KEEPALIVE, MalformedStream, SSEFramer
 from .storage.base import (
@@ -223,7 +223,10 @@ async def follow(
     write: Callable[[bytes], Awaitable[None]] = response.write
     live = False  # True when the events about to be written were waited for, not replayed
     while True:
-        data, count = await store.read(session_id, next_event, READ_BATCH_BYTES)
+        try:
+            data, count = await store.read(session_id, next_event, READ_BATCH_BYTES)
+        except SessionNotFound:
+            return  # deleted under us: the stream just ends
         if count:
             await write(data)
             next_event += count
@@ -234,7 +237,7 @@ async def follow(
             continue
         info = await store.get(session_id)
         if info is None:
-            return  # deleted under us
+            return
         if info.state != STREAMING:
             if info.events >= next_event:
                 continue  # its last events became readable together with its end
