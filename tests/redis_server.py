@@ -64,12 +64,19 @@ class RedisServer:
         self.stop()
         raise RuntimeError(f"redis-server did not answer PING in {timeout}s")
 
+    def command(self, line: bytes) -> bytes:
+        """One inline command, its first reply line (enough for PING and FLUSHALL)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(line + b"\r\n")
+            return sock.recv(256)
+
     def ping(self) -> bool:
         with contextlib.suppress(OSError):
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+            return self.command(b"PING").startswith(b"+PONG")
         return False
+
+    def flushall(self) -> None:
+        assert self.command(b"FLUSHALL").startswith(b"+OK")
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL if it does not go; waits so the port is free again."""
