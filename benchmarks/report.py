@@ -1,0 +1,370 @@
+"""Turns a run's figures into results.json, results.md and PNG plots, and checks targets.
+
+The targets are issue 7's; each proxy flavour is checked on its own, since which loop a user
+gets depends on whether uvloop is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+DIRECT, NGINX = "direct", "nginx"
+_LINE_NUMBER = re.compile(r":\d+\)")
+QUICK_NOTE = " (--quick: a smoke test, not figures)"
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _ratio(value: float, base: float | None) -> str:
+    return f"{value / base:.2f}x" if base else "-"
+
+
+def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target of issue 7 that this run has the figures for, per proxy flavour."""
+    rows: list[dict[str, Any]] = []
+    proxies = [name for name in results.get("targets", []) if name.startswith("proxy")]
+
+    def add(proxy: str, name: str, value: float, target: str, met: bool) -> None:
+        rows.append({"proxy": proxy, "check": name, "value": value, "target": target, "met": met})
+
+    for proxy in proxies:
+        for mode, figures in results["throughput"].items():
+            if NGINX in figures:
+                ratio = figures[proxy]["events_per_s"] / figures[NGINX]["events_per_s"]
+                add(proxy, f"throughput {mode}", round(ratio, 3), ">= 1.0x nginx", ratio >= 1.0)
+        at_200 = results["latency"].get("200")
+        if at_200:
+            added = at_200[proxy]["added_p50_ms"]
+            add(proxy, "added p50 at 200 streams (ms)", added, "<= 0.3 ms", added <= 0.3)
+            if NGINX in at_200:
+                p99, limit = at_200[proxy]["p99_ms"], at_200[NGINX]["p99_ms"] + 1.0
+                add(
+                    proxy,
+                    "p99 at 200 streams (ms)",
+                    p99,
+                    f"<= {limit:.2f} (nginx + 1)",
+                    p99 <= limit,
+                )
+        at_1000 = results["latency"].get("1000")
+        if at_1000:
+            p99 = at_1000[proxy]["p99_ms"]
+            add(proxy, "p99 at 1000 streams (ms)", p99, "< 50 ms", p99 < 50)
+        resume = results["resume"][proxy]["resume_first_byte"]["p50_ms"]
+        add(proxy, "resume first byte p50 (ms)", resume, "<= 1 ms", resume <= 1.0)
+        memory = results.get("memory", {}).get(proxy)
+        if memory:
+            kib = memory["kib_per_live_session"]
+            add(proxy, "RSS per live session (KiB)", kib, "<= 32 KiB", kib <= 32)
+    return rows
+
+
+def hot_spots(collapsed: str, top: int = 15) -> dict[str, Any]:
+    """Self and inclusive shares of py-spy's collapsed stacks, by function (lines merged)."""
+    own: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [_LINE_NUMBER.sub(")", frame) for frame in stack.split(";")]
+        total += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            inclusive[frame] += count
+    if not total:
+        return {"samples": 0, "self": [], "inclusive": []}
+
+    def share(counter: Counter[str]) -> list[list[Any]]:
+        return [[name, round(100 * n / total, 1)] for name, n in counter.most_common(top)]
+
+    return {"samples": total, "self": share(own), "inclusive": share(inclusive)}
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    machine = results["machine"]
+    out = [
+        "# resumable-proxy benchmark results",
+        "",
+        f"{machine['date']}, {machine['nproc']} x {machine['cpu_model']}, Linux "
+        f"{machine['kernel']}, Python {machine['python']}, aiohttp {machine['aiohttp']}, "
+        f"uvloop {machine['uvloop']}, nginx {machine['nginx']}, commit `{machine['git_commit']}`."
+        f" {results['generator_workers']} load generator processes; run took "
+        f"{results['run_seconds']} s{QUICK_NOTE if results['quick'] else ''}.",
+        "Rerun: `python benchmarks/run.py` (all on 127.0.0.1; the proxy runs as "
+        "`python -m proxy serve` with its default config: disk log, `fsync: interval`).",
+        "",
+        "## Targets (issue 7)",
+        "",
+    ]
+    out += _table(
+        ["proxy", "check", "value", "target", "met"],
+        [
+            [r["proxy"], r["check"], r["value"], r["target"], "yes" if r["met"] else "**no**"]
+            for r in results["checks"]
+        ],
+    )
+    out += ["## 1. Saturated throughput (events/s)", ""]
+    for mode, figures in results["throughput"].items():
+        direct, nginx = figures[DIRECT]["events_per_s"], figures.get(NGINX, {}).get("events_per_s")
+        out += [
+            f"{results['plan']['throughput_streams']} streams x "
+            f"{results['plan']['throughput_events']} events, {mode.replace('_', ' ')}:",
+            "",
+        ]
+        out += _table(
+            [
+                "target",
+                "events/s",
+                "MB/s",
+                "x direct",
+                "x nginx",
+                "server CPU %",
+                "upstream CPU %",
+                "generator CPU %/worker",
+                "errors",
+            ],
+            [
+                [
+                    name,
+                    f"{row['events_per_s']:,}",
+                    row["mb_per_s"],
+                    _ratio(row["events_per_s"], direct),
+                    _ratio(row["events_per_s"], nginx),
+                    row["server_cpu_pct"],
+                    row["upstream_cpu_pct"],
+                    row["generator_cpu_pct_of_core_per_worker"],
+                    row["errors"] + row["short_streams"],
+                ]
+                for name, row in figures.items()
+            ],
+        )
+    out += [
+        "## 2. Latency per event (receive time minus upstream stamp, ms)",
+        "",
+        f"Streams paced at {results['plan']['latency_rate']:g} events/s; "
+        "'added' is minus the direct run's figure.",
+        "",
+    ]
+    for concurrency, figures in results["latency"].items():
+        nginx = figures.get(NGINX, {})
+        out += [f"{concurrency} concurrent streams:", ""]
+        out += _table(
+            [
+                "target",
+                "p50",
+                "p99",
+                "p99.9",
+                "max",
+                "added p50",
+                "added p99",
+                "added p99.9",
+                "p99 x nginx",
+                "server CPU %",
+                "generator CPU %/worker",
+                "samples",
+                "errors",
+            ],
+            [
+                [
+                    name,
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    row["p999_ms"],
+                    row["max_ms"],
+                    row["added_p50_ms"],
+                    row["added_p99_ms"],
+                    row["added_p999_ms"],
+                    _ratio(row["p99_ms"], nginx.get("p99_ms")),
+                    row["server_cpu_pct"],
+                    row["generator_cpu_pct_of_core_per_worker"],
+                    row["samples"],
+                    row["errors"] + row["short_streams"],
+                ]
+                for name, row in figures.items()
+            ],
+        )
+    out += ["## 3. Time to first byte and non-stream latency (ms, one request at a time)", ""]
+    for kind, title in (
+        ("ttfb", "Time to first byte of a stream"),
+        ("plain", "Small JSON POST, whole response"),
+    ):
+        figures = results[kind]
+        direct, nginx = figures[DIRECT]["p50_ms"], figures.get(NGINX, {}).get("p50_ms")
+        out += [f"{title}:", ""]
+        out += _table(
+            ["target", "p50", "p99", "added p50", "added p99", "p50 x direct", "p50 x nginx"],
+            [
+                [
+                    name,
+                    row["p50_ms"],
+                    row["p99_ms"],
+                    row["added_p50_ms"],
+                    row["added_p99_ms"],
+                    _ratio(row["p50_ms"], direct),
+                    _ratio(row["p50_ms"], nginx),
+                ]
+                for name, row in figures.items()
+            ],
+        )
+    plan = results["plan"]
+    out += [
+        "## 4. Resume",
+        "",
+        f"{plan['resume_sessions']} finished sessions of {plan['resume_events']} events. "
+        "Resume: new connection + `GET /sessions/{id}/events?offset="
+        f"{plan['resume_events'] // 2}`, timed from before the connect to the first replayed "
+        "byte. Fresh: the same answer asked of the target on a new connection. "
+        "Replay: offset 0, one reader.",
+        "",
+    ]
+    resume = results["resume"]
+    fresh_direct = resume[DIRECT]["fresh_mb_per_s"]
+    out += _table(
+        [
+            "target",
+            "fresh first byte p50",
+            "fresh p99",
+            "fresh MB/s",
+            "resume first byte p50",
+            "resume p99",
+            "replay MB/s",
+            "replay x fresh direct",
+        ],
+        [
+            [
+                name,
+                row["fresh_first_byte"]["p50_ms"],
+                row["fresh_first_byte"]["p99_ms"],
+                row["fresh_mb_per_s"],
+                row.get("resume_first_byte", {}).get("p50_ms", "-"),
+                row.get("resume_first_byte", {}).get("p99_ms", "-"),
+                row.get("replay_mb_per_s", "-"),
+                _ratio(row["replay_mb_per_s"], fresh_direct) if "replay_mb_per_s" in row else "-",
+            ]
+            for name, row in resume.items()
+        ],
+    )
+    out += ["## 5. Memory (VmRSS of a fresh proxy process)", ""]
+    out += _table(
+        [
+            "proxy",
+            "live sessions",
+            "RSS base MiB",
+            "with sessions MiB",
+            "with readers MiB",
+            "KiB per live session",
+            "KiB per idle reader",
+        ],
+        [
+            [
+                name,
+                row["live_sessions"],
+                row["rss_base_mib"],
+                row["rss_with_sessions_mib"],
+                row["rss_with_readers_mib"],
+                row["kib_per_live_session"],
+                row["kib_per_idle_reader"],
+            ]
+            for name, row in results["memory"].items()
+        ],
+    )
+    out += [
+        "## 6. Log micro-benchmark (`bench_log.py --quick --json`)",
+        "",
+        "```",
+        json.dumps(results["bench_log"], indent=2),
+        "```",
+        "",
+    ]
+    for name, profile in results.get("profile", {}).items():
+        out += [f"## Profile: {name} under saturated 20-per-write load", ""]
+        if "skipped" in profile:
+            out += [profile["skipped"], ""]
+            continue
+        out += [f"{profile['samples']} py-spy samples (`{profile['file']}`, collapsed stacks).", ""]
+        out += _table(["function (self)", "%"], profile["self"])
+        out += _table(["function (inclusive)", "%"], profile["inclusive"])
+    out += ["![latency](latency.png)", "", "![throughput](throughput.png)", ""]
+    return "\n".join(out)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    """latency.png (percentiles vs concurrency) and throughput.png (bars); none without
+    matplotlib, which the tables do not need."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        progress("matplotlib is not installed: no plots")
+        return []
+    targets = results["targets"]
+    concurrencies = [int(c) for c in results["latency"]]
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for axis, (key, title) in zip(
+        axes, (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")), strict=True
+    ):
+        for name in targets:
+            axis.plot(
+                concurrencies,
+                [results["latency"][str(c)][name][key] for c in concurrencies],
+                marker="o",
+                label=name,
+            )
+        axis.set_title(f"{title} latency per event")
+        axis.set_xlabel("concurrent streams (50 events/s each)")
+        axis.set_xscale("log")
+        axis.set_xticks(concurrencies, [str(c) for c in concurrencies])
+        axis.set_yscale("log")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms (receive time - upstream stamp)")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(out / "latency.png", dpi=110)
+    plt.close(figure)
+
+    modes = list(results["throughput"])
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / len(targets)
+    for index, name in enumerate(targets):
+        values = [results["throughput"][mode][name]["events_per_s"] for mode in modes]
+        positions = [m + index * width for m in range(len(modes))]
+        bars = axis.bar(positions, values, width, label=name)
+        axis.bar_label(bars, labels=[f"{v / 1000:.0f}k" for v in values], fontsize=8)
+    axis.set_xticks(
+        [m + width * (len(targets) - 1) / 2 for m in range(len(modes))],
+        [mode.replace("_", " ") for mode in modes],
+    )
+    axis.set_ylabel("events/s")
+    plan = results["plan"]
+    axis.set_title(
+        f"Saturated throughput, {plan['throughput_streams']} streams x "
+        f"{plan['throughput_events']} events"
+    )
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out / "throughput.png", dpi=110)
+    plt.close(figure)
+    return ["latency.png", "throughput.png"]
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    results["plots"] = plots(results, out)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown(results))

@@ -1,0 +1,578 @@
+"""The benchmark suite: one workload, measured direct, through nginx and through the proxy.
+
+    python benchmarks/run.py [--quick] [--out DIR] [--profile] [--with-litellm]
+
+Everything runs on 127.0.0.1 as children of this process: the stamping upstream
+(`upstream.py`), nginx (`nginx.py`), the proxy as `python -m proxy serve` with its default
+config (disk log, `fsync: interval`) once on uvloop and once on the stock asyncio loop, and
+the load generator processes (`loadgen.py`). Targets are interleaved workload by workload so
+that drift on the machine touches every column alike. Results go to DIR as results.json
+(every figure), results.md (tables) and PNG plots (`report.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import report
+from loadgen import PLAIN_BODY, Generator, split, stream_body
+from nginx import nginx_binary, nginx_version, start_nginx
+from procs import Server, cpu_seconds, free_port, rss_bytes
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CHAT = "/v1/chat/completions"
+DIRECT, NGINX = "direct", "nginx"
+# Blocks the uvloop import so `serve` falls back to the stock loop (it uses uvloop when it can).
+_WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of every workload; `quick` shrinks them to a smoke test."""
+
+    throughput_streams: int = 100
+    throughput_events: int = 200
+    throughput_seconds: float = 5.0
+    concurrencies: tuple[int, ...] = (100, 200, 500, 1000)
+    latency_rate: float = 50.0
+    latency_seconds: float = 8.0
+    latency_ramp: float = 1.0
+    sequential_requests: int = 300
+    resume_sessions: int = 50
+    resume_events: int = 1000
+    memory_sessions: int = 1000
+    profile_seconds: float = 8.0
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            throughput_streams=20,
+            throughput_seconds=0.5,
+            concurrencies=(50, 100),
+            latency_seconds=1.2,
+            latency_ramp=0.2,
+            sequential_requests=20,
+            resume_sessions=5,
+            memory_sessions=50,
+            profile_seconds=2.0,
+        )
+
+
+@dataclass
+class Targets:
+    """Where each column's requests go, and the pid whose CPU is that column's cost."""
+
+    ports: dict[str, int] = field(default_factory=dict)
+    servers: dict[str, Server] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.ports)
+
+    @property
+    def proxies(self) -> list[str]:
+        return [name for name in self.ports if name.startswith("proxy")]
+
+
+def percentiles_ms(values: list[int]) -> dict[str, float]:
+    """p50/p99/p99.9/max in milliseconds (nearest rank) of nanosecond samples."""
+    if not values:
+        return {"p50_ms": 0.0, "p99_ms": 0.0, "p999_ms": 0.0, "max_ms": 0.0, "samples": 0}
+    ordered = sorted(values)
+    last = len(ordered) - 1
+
+    def rank(q: float) -> float:
+        return round(ordered[min(last, int(q * len(ordered)))] / 1e6, 4)
+
+    return {
+        "p50_ms": rank(0.50),
+        "p99_ms": rank(0.99),
+        "p999_ms": rank(0.999),
+        "max_ms": round(ordered[-1] / 1e6, 4),
+        "samples": len(ordered),
+    }
+
+
+class Bench:
+    """Runs each workload against each target and keeps every figure in `results`."""
+
+    def __init__(self, plan: Plan, generator: Generator, targets: Targets) -> None:
+        self.plan = plan
+        self.gen = generator
+        self.targets = targets
+        self.upstream = targets.servers[DIRECT]
+
+    def _cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(server.pid) for name, server in self.targets.servers.items()}
+
+    def _streams(
+        self, port: int, streams: int, body: bytes, expected: int, seconds: float, **extra: Any
+    ) -> tuple[list[dict[str, Any]], float]:
+        start_at = time.monotonic() + 0.3
+        params = [
+            {
+                "port": port,
+                "path": CHAT,
+                "body": body,
+                "expected_events": expected,
+                "streams": share,
+                "start_at": start_at,
+                "until": start_at + seconds,
+                "timeout": 120.0,
+                **extra,
+            }
+            for share in split(streams, self.gen.size)
+        ]
+        timeout = seconds + extra.get("ramp", 0.0) + 180.0
+        return self.gen.run("streams", params, timeout), start_at
+
+    def throughput(self, per_write: int) -> dict[str, Any]:
+        plan = self.plan
+        body = stream_body(plan.throughput_events, per_write)
+        figures: dict[str, Any] = {}
+        for name, port in self.targets.ports.items():
+            cpu_before = self._cpu()
+            results, _ = self._streams(
+                port,
+                plan.throughput_streams,
+                body,
+                plan.throughput_events + 1,
+                plan.throughput_seconds,
+            )
+            cpu_after = self._cpu()
+            streams = sum(r["streams"] for r in results)
+            events = sum(r["events"] for r in results) - streams  # minus each [DONE]
+            wall = (max(r["last_ns"] for r in results) - min(r["first_ns"] for r in results)) / 1e9
+            generator_cpu = sum(r["cpu_s"] for r in results)
+            figures[name] = {
+                "events_per_s": round(events / wall),
+                "mb_per_s": round(sum(r["bytes"] for r in results) / wall / 1e6, 2),
+                "streams": streams,
+                "seconds": round(wall, 3),
+                "errors": sum(r["errors"] for r in results),
+                "short_streams": sum(r["short"] for r in results),
+                "generator_cpu_s": round(generator_cpu, 3),
+                "generator_cpu_pct_of_core_per_worker": round(
+                    100 * generator_cpu / wall / len(results), 1
+                ),
+                "server_cpu_pct": round(100 * (cpu_after[name] - cpu_before[name]) / wall, 1),
+                "upstream_cpu_pct": round(100 * (cpu_after[DIRECT] - cpu_before[DIRECT]) / wall, 1),
+            }
+            report.progress(f"throughput {per_write}/write {name}: {figures[name]}")
+        return figures
+
+    def latency(self, concurrency: int) -> dict[str, Any]:
+        plan = self.plan
+        events = int(plan.latency_rate * plan.latency_seconds)
+        body = stream_body(events, 1, plan.latency_rate)
+        figures: dict[str, Any] = {}
+        for name, port in self.targets.ports.items():
+            cpu_before = self._cpu()
+            start_at = time.monotonic() + 0.3
+            # Every stream is live in this window: all have started, none has ended.
+            window = (
+                int((start_at + plan.latency_ramp + 0.25) * 1e9),
+                int((start_at + plan.latency_seconds) * 1e9),
+            )
+            results, _ = self._streams(
+                port,
+                concurrency,
+                body,
+                events + 1,
+                0.0,
+                ramp=plan.latency_ramp,
+                window=window,
+            )
+            cpu_after = self._cpu()
+            samples: list[int] = []
+            for r in results:
+                samples.extend(array("q", r["latencies"]))
+            wall = plan.latency_seconds + plan.latency_ramp
+            figures[name] = {
+                **percentiles_ms(samples),
+                "errors": sum(r["errors"] for r in results),
+                "short_streams": sum(r["short"] for r in results),
+                "generator_cpu_pct_of_core_per_worker": round(
+                    100 * sum(r["cpu_s"] for r in results) / wall / len(results), 1
+                ),
+                "server_cpu_pct": round(100 * (cpu_after[name] - cpu_before[name]) / wall, 1),
+            }
+            report.progress(f"latency {concurrency} streams {name}: {figures[name]}")
+        for row in figures.values():
+            for key in ("p50_ms", "p99_ms", "p999_ms"):
+                row[f"added_{key}"] = round(row[key] - figures[DIRECT][key], 4)
+        return figures
+
+    def _sequence(
+        self, port: int, requests: list[tuple[str, str, bytes]], reconnect: bool
+    ) -> list[tuple[int, int, int, int, str]]:
+        params = {"port": port, "requests": requests, "reconnect": reconnect, "timeout": 30.0}
+        rows: list[tuple[int, int, int, int, str]] = self.gen.run("sequence", [params], 300.0)[0][
+            "rows"
+        ]
+        bad = [row[0] for row in rows if row[0] != 200]
+        if bad:
+            raise RuntimeError(f"{len(bad)} requests failed with statuses {sorted(set(bad))}")
+        return rows
+
+    def first_byte(self) -> dict[str, Any]:
+        """Time to first byte of a short stream, and the whole of a small JSON POST, one
+        request at a time on a kept-alive connection (no queueing, just the hop)."""
+        n = self.plan.sequential_requests
+        stream = [("POST", CHAT, stream_body(5))] * n
+        plain = [("POST", CHAT, PLAIN_BODY)] * n
+        figures: dict[str, Any] = {"ttfb": {}, "plain": {}}
+        for name, port in self.targets.ports.items():
+            figures["ttfb"][name] = percentiles_ms(
+                [row[1] for row in self._sequence(port, stream, False)]
+            )
+            figures["plain"][name] = percentiles_ms(
+                [row[2] for row in self._sequence(port, plain, False)]
+            )
+        for kind in ("ttfb", "plain"):
+            direct = figures[kind][DIRECT]
+            for row in figures[kind].values():
+                row["added_p50_ms"] = round(row["p50_ms"] - direct["p50_ms"], 4)
+                row["added_p99_ms"] = round(row["p99_ms"] - direct["p99_ms"], 4)
+        report.progress(f"first byte: {figures}")
+        return figures
+
+    def resume(self) -> dict[str, Any]:
+        """Reconnect-to-first-replayed-byte and replay MB/s of finished sessions, against a
+        fresh call of the same answer (new connection, same 1k events) on every target."""
+        plan = self.plan
+        answer = stream_body(plan.resume_events, 20)
+        fresh_calls = [("POST", CHAT, answer)] * plan.resume_sessions
+        figures: dict[str, Any] = {}
+        for name, port in self.targets.ports.items():
+            fresh = self._sequence(port, fresh_calls, True)
+            row: dict[str, Any] = {
+                "fresh_first_byte": percentiles_ms([r[1] for r in fresh]),
+                "fresh_mb_per_s": round(
+                    sum(r[3] for r in fresh) / sum(r[2] for r in fresh) * 1e3, 1
+                ),
+            }
+            if name.startswith("proxy"):
+                session_ids = [r[4] for r in fresh]
+                middle = plan.resume_events // 2
+                resumes = self._sequence(
+                    port,
+                    [
+                        ("GET", f"/sessions/{sid}/events?offset={middle}", b"")
+                        for sid in session_ids
+                    ],
+                    True,
+                )
+                replays = self._sequence(
+                    port,
+                    [("GET", f"/sessions/{sid}/events?offset=0", b"") for sid in session_ids],
+                    False,
+                )
+                row["resume_first_byte"] = percentiles_ms([r[1] for r in resumes])
+                row["replay_mb_per_s"] = round(
+                    sum(r[3] for r in replays) / sum(r[2] for r in replays) * 1e3, 1
+                )
+                row["replay_bytes_per_session"] = replays[0][3]
+            figures[name] = row
+            report.progress(f"resume {name}: {row}")
+        return figures
+
+    def profile(self, name: str, py_spy: str, out_dir: Path) -> dict[str, Any]:
+        """py-spy samples the proxy under the saturated 20-events-per-write load."""
+        raw = out_dir / f"profile-{name}.txt"
+        seconds = self.plan.profile_seconds
+        spy = subprocess.Popen(
+            [
+                *(py_spy, "record", "--pid", str(self.targets.servers[name].pid)),
+                *("--format", "raw", "--rate", "250", "--nonblocking"),
+                *("--duration", str(int(seconds) + 1), "-o", str(raw)),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            body = stream_body(self.plan.throughput_events, 20)
+            self._streams(
+                self.targets.ports[name],
+                self.plan.throughput_streams,
+                body,
+                self.plan.throughput_events + 1,
+                seconds,
+            )
+            spy.wait(seconds + 30)
+        finally:
+            if spy.poll() is None:
+                spy.kill()
+                spy.wait(5)
+        if not raw.exists():
+            return {"skipped": "py-spy wrote no profile"}
+        return {"file": raw.name, **report.hot_spots(raw.read_text())}
+
+
+def memory(plan: Plan, gen: Generator, start: Any, upstream_port: int) -> dict[str, Any]:
+    """RSS per live session and per idle reader, on a fresh proxy so that earlier workloads
+    have not already grown its heap. Live sessions trickle one event per 10 s; readers join
+    at the current end so they sit idle."""
+    proxy: Server = start()
+    try:
+        port = proxy.port
+        warm = [("POST", CHAT, stream_body(5))] * 20 + [("POST", CHAT, PLAIN_BODY)] * 20
+        gen.run(
+            "sequence", [{"port": port, "requests": warm, "reconnect": False, "timeout": 30}], 60
+        )
+        time.sleep(0.5)
+        base = rss_bytes(proxy.pid)
+        live_body = stream_body(1_000_000, 1, 0.1)
+        shares = split(plan.memory_sessions, gen.size)
+        results = gen.run(
+            "hold",
+            [
+                {
+                    "port": port,
+                    "requests": [("POST", CHAT, live_body)] * n,
+                    "first_byte": True,
+                    "timeout": 120,
+                }
+                for n in shares
+            ],
+            180,
+        )
+        time.sleep(1.0)
+        with_sessions = rss_bytes(proxy.pid)
+        ids = [sid for r in results for sid in r["session_ids"]]
+        readers = [("GET", f"/sessions/{sid}/events?offset=1", b"") for sid in ids]
+        chunks = [readers[i :: gen.size] for i in range(gen.size)]
+        gen.run(
+            "hold",
+            [
+                {"port": port, "requests": c, "first_byte": False, "timeout": 120}
+                for c in chunks
+                if c
+            ],
+            180,
+        )
+        time.sleep(1.0)
+        with_readers = rss_bytes(proxy.pid)
+        gen.run("release", [{} for _ in range(gen.size)], 60)
+    finally:
+        proxy.stop(signal.SIGKILL)  # its live sessions would otherwise hold it for the grace
+    sessions = len([sid for sid in ids if sid])
+    return {
+        "live_sessions": sessions,
+        "rss_base_mib": round(base / 2**20, 1),
+        "rss_with_sessions_mib": round(with_sessions / 2**20, 1),
+        "rss_with_readers_mib": round(with_readers / 2**20, 1),
+        "kib_per_live_session": round((with_sessions - base) / max(sessions, 1) / 1024, 1),
+        "kib_per_idle_reader": round((with_readers - with_sessions) / max(sessions, 1) / 1024, 1),
+    }
+
+
+def bench_log(quick: bool) -> dict[str, Any]:
+    script = HERE / "bench_log.py"
+    if not script.exists():
+        return {"skipped": "benchmarks/bench_log.py is not there yet"}
+    args = [sys.executable, str(script), "--quick", "--json"]
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"skipped": "bench_log.py took over 120 s"}
+    if done.returncode != 0:
+        return {"skipped": f"bench_log.py exited {done.returncode}: {done.stderr[-500:]}"}
+    try:
+        parsed: dict[str, Any] = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        return {"skipped": "bench_log.py printed no JSON"}
+    return parsed
+
+
+def machine_info(nginx: str | None) -> dict[str, Any]:
+    import platform
+
+    import aiohttp
+
+    cpu_model = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    commit = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no", "proxy"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    try:
+        import uvloop
+
+        uvloop_version: str | None = uvloop.__version__
+    except ImportError:
+        uvloop_version = None
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "aiohttp": aiohttp.__version__,
+        "uvloop": uvloop_version,
+        "nginx": nginx_version(nginx) if nginx else None,
+        "git_commit": commit + ("-dirty" if dirty else ""),
+    }
+
+
+def _proxy_starter(tmp: Path, upstream_port: int, uvloop: bool) -> Any:
+    """A function starting a fresh `serve` child with the default config and its own dir."""
+    runs = 0
+
+    def start() -> Server:
+        nonlocal runs
+        runs += 1
+        name = f"proxy-{'uvloop' if uvloop else 'asyncio'}"
+        work = tmp / f"{name}-{runs}"
+        work.mkdir()
+        port = free_port()
+        head = ["-m", "proxy"] if uvloop else ["-c", _WITHOUT_UVLOOP]
+        args = [sys.executable, *head, "serve", "--host", "127.0.0.1", "--port", str(port)]
+        args += [
+            "--upstream",
+            f"http://127.0.0.1:{upstream_port}",
+            "--data-dir",
+            str(work / "data"),
+        ]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        server = Server(name, args, port, work / "proxy.log", env)
+        return server.wait_ready()
+
+    return start
+
+
+def start_upstream(tmp: Path) -> Server:
+    port = free_port()
+    args = [sys.executable, str(HERE / "upstream.py"), str(port)]
+    return Server("upstream", args, port, tmp / "upstream.log", dict(os.environ)).wait_ready()
+
+
+def _raise_fd_limit() -> None:
+    """1,000 streams through a relay is 2,000+ sockets per process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
+
+
+def _uvloop_available() -> bool:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    plan = Plan.quick() if args.quick else Plan()
+    out: Path = args.out
+    nginx = nginx_binary()
+    results: dict[str, Any] = {"quick": args.quick, "plan": asdict(plan)}
+    results["machine"] = machine_info(nginx)
+    if args.with_litellm:
+        try:
+            import litellm  # noqa: F401
+        except ImportError:
+            report.progress("--with-litellm: litellm is not installed; that column is skipped")
+        else:
+            report.progress("--with-litellm: the LiteLLM column is not implemented; skipped")
+    generator = Generator(args.workers or max(2, os.cpu_count() or 2))
+    results["generator_workers"] = generator.size
+    with tempfile.TemporaryDirectory(prefix="rp-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        targets = Targets()
+        try:
+            upstream = start_upstream(tmp)
+            targets.ports[DIRECT], targets.servers[DIRECT] = upstream.port, upstream
+            if nginx:
+                server = start_nginx(nginx, tmp / "nginx", free_port(), upstream.port)
+                targets.ports[NGINX], targets.servers[NGINX] = server.port, server
+            else:
+                report.progress("nginx not found: the nginx column is skipped")
+            starters = {
+                f"proxy-{'uvloop' if flavour else 'asyncio'}": _proxy_starter(
+                    tmp, upstream.port, flavour
+                )
+                for flavour in ([True, False] if _uvloop_available() else [False])
+            }
+            for name, start in starters.items():
+                server = start()
+                targets.ports[name], targets.servers[name] = server.port, server
+            bench = Bench(plan, generator, targets)
+            results["targets"] = targets.names
+            results["throughput"] = {
+                f"{per_write}_per_write": bench.throughput(per_write) for per_write in (1, 20)
+            }
+            results["latency"] = {str(c): bench.latency(c) for c in plan.concurrencies}
+            results.update(bench.first_byte())
+            results["resume"] = bench.resume()
+            if args.profile:
+                py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+                results["profile"] = {
+                    name: bench.profile(name, py_spy, out)
+                    if Path(py_spy).exists()
+                    else {"skipped": "py-spy is not installed"}
+                    for name in targets.proxies
+                }
+            for name in targets.proxies:
+                targets.servers.pop(name).stop()
+                del targets.ports[name]
+            results["memory"] = {
+                name: memory(plan, generator, start, upstream.port)
+                for name, start in starters.items()
+            }
+            for name, row in results["memory"].items():
+                report.progress(f"memory {name}: {row}")
+        finally:
+            generator.close()
+            for server in targets.servers.values():
+                server.stop()
+    results["bench_log"] = bench_log(args.quick)
+    results["checks"] = report.checks(results)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke test")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results directory")
+    parser.add_argument("--workers", type=int, default=0, help="generator processes")
+    parser.add_argument("--profile", action="store_true", help="py-spy the proxy under load")
+    parser.add_argument("--with-litellm", action="store_true", help="add LiteLLM if installed")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so every finally runs
+    _raise_fd_limit()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results = run(args)
+    results["run_seconds"] = round(time.monotonic() - started, 1)
+    report.write(results, args.out)
+    report.progress(f"done in {results['run_seconds']} s: {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+"""The benchmark suite runs end to end: `benchmarks/run.py --quick` writes every output.
+
+This checks that the benchmark works, never a speed: a quick run's counts are too small for
+its figures to mean anything.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert elapsed < 90, f"--quick took {elapsed:.0f}s"
+
+    results = json.loads((out / "results.json").read_text())
+    targets = results["targets"]
+    assert targets[0] == "direct" and any(name.startswith("proxy") for name in targets)
+    for mode in ("1_per_write", "20_per_write"):
+        for name in targets:
+            row = results["throughput"][mode][name]
+            assert row["events_per_s"] > 0 and row["errors"] == 0 and row["short_streams"] == 0
+    for figures in results["latency"].values():
+        assert all(figures[name]["samples"] > 0 for name in targets)
+    for name in targets:
+        assert results["ttfb"][name]["samples"] > 0 and results["plain"][name]["samples"] > 0
+    for name in targets:
+        if name.startswith("proxy"):
+            assert results["resume"][name]["resume_first_byte"]["samples"] > 0
+            assert results["memory"][name]["live_sessions"] > 0
+    assert results["checks"] and "bench_log" in results
+    assert results["machine"]["git_commit"]
+
+    markdown = (out / "results.md").read_text()
+    assert markdown.startswith("# resumable-proxy benchmark results")
+    assert "## 4. Resume" in markdown
+    for plot in results["plots"]:
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
