@@ -1,0 +1,124 @@
+"""What an operator relies on: metrics that move, parseable logs without secrets, the image."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.config import Config
+
+from .helpers import ROOT, ProxyProcess, read_sse, run_proxy
+
+SECRET = "sk-very-secret-value"
+BODY = {
+    "model": "m",
+    "messages": [{"role": "user", "content": "count"}],
+    "stream": True,
+    "mock_tokens": 10,
+    "mock_interval_ms": 1,
+}
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return values
+
+
+async def test_metrics_parse_and_move_with_traffic(config_for: Callable[..., Config]) -> None:
+    async with run_proxy(config_for()) as proxy, aiohttp.ClientSession() as http:
+        async with http.get(proxy.url + "/metrics") as response:
+            assert response.status == 200
+            assert response.content_type == "text/plain"
+            before = samples(await response.text())
+        headers = {"Authorization": f"Bearer {SECRET}"}
+        url = proxy.url + "/v1/chat/completions"
+        response, _ = await read_sse(http, url, method="POST", json=BODY, headers=headers)
+        session_id = response.headers["X-Resume-Session-Id"]
+        await read_sse(http, f"{proxy.url}/sessions/{session_id}/events", headers=headers)
+        async with http.get(proxy.url + "/metrics") as response:
+            text = await response.text()
+            after = samples(text)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("resumable_proxy_sessions_started_total") == 1
+    assert delta("resumable_proxy_sessions_ended_total", state="complete") == 1
+    assert delta("resumable_proxy_events_logged_total") == 13
+    assert delta("resumable_proxy_events_relayed_total") == 26  # first client + one replay
+    assert delta("resumable_proxy_replays_total") == 1
+    # the stream, the replay, and the first /metrics itself (counted once answered)
+    assert delta("resumable_proxy_requests_total", status="200") == 3
+    assert delta("resumable_proxy_bytes_logged_total") > 1000
+    assert delta("resumable_proxy_upstream_time_to_first_event_seconds_count") == 1
+    assert delta("resumable_proxy_upstream_inter_event_seconds_count") >= 1
+    assert delta("resumable_proxy_added_latency_seconds_count") >= 1
+    assert session_id not in text
+
+
+def test_json_log_lines_parse_and_hold_no_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "proxy.yaml"
+    config.write_text("server:\n  log_format: json\n")
+    proxy = ProxyProcess(tmp_path / "data", extra_args=["--config", str(config)]).start()
+    try:
+        with httpx.Client(timeout=20) as http:
+            response = http.post(
+                proxy.url + "/v1/chat/completions",
+                json=BODY,
+                headers={"Authorization": f"Bearer {SECRET}"},
+            )
+            session_id = response.headers["X-Resume-Session-Id"]
+            http.get(proxy.url + "/healthz")
+    finally:
+        assert proxy.terminate() == 0
+    lines = [line for line in proxy.log().splitlines() if line.startswith("{")]
+    records = [json.loads(line) for line in lines]
+    access = [json.loads(r["message"]) for r in records if r["logger"] == "proxy.access"]
+    assert {"method": "POST", "path": "/v1/chat/completions", "status": 200}.items() <= access[
+        0
+    ].items()
+    assert access[0]["session_id"] == session_id
+    assert SECRET not in proxy.log()
+    assert "count" not in proxy.log()  # no request bodies
+
+
+def test_healthz_reports_ok(tmp_path: Path) -> None:
+    proxy = ProxyProcess(tmp_path / "data").start()
+    try:
+        health = httpx.get(proxy.url + "/healthz", timeout=10)
+    finally:
+        proxy.terminate()
+    assert health.status_code == 200
+    assert health.json()["storage"] == "ok"
+
+
+def _docker_engine() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
+
+
+@pytest.mark.skipif(not _docker_engine(), reason="no container engine runs on this machine")
+def test_image_builds_and_answers_healthz() -> None:
+    tag = "resumable-proxy:test"
+    subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=600)
+    run = subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "resumable-proxy", tag, "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert "version" in run.stdout
