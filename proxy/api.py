@@ -39,6 +39,7 @@ from .summary import iso_time, session_details, session_summary
 log = logging.getLogger("proxy.api")
 
 SESSION_ID = web.RequestKey("session_id", str)
+EVENTS_SENT = web.RequestKey("events_sent", int)
 
 _OFFSET = re.compile(r"^\s*(\d{1,18})\s*$")
 # Headers a replay sends again; the rest of the upstream's headers described that one reply.
@@ -163,7 +164,10 @@ class Api:
         metrics = self.metrics
         last_arrival_ns = self.manager.last_arrival_ns
 
+        request[EVENTS_SENT] = 0
+
         def on_write(count: int, live: bool) -> None:
+            request[EVENTS_SENT] += count
             arrival = last_arrival_ns(session_id) if live else None
             metrics.events_written(count, time.time_ns() - arrival if arrival else None)
 

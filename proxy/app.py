@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from .access import cors_middleware, cors_on_prepare
-from .api import SESSION_ID, Api
+from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
 from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError
 from .metrics import Metrics
@@ -85,17 +85,19 @@ def _log_access(request: web.Request, status: int, seconds: float, json_lines: b
         "status": status,
         "duration_ms": round(seconds * 1000, 2),
         "session_id": request.get(SESSION_ID),
+        "events": request.get(EVENTS_SENT),
     }
     if json_lines:
         access_log.info(json.dumps(fields))
     else:
         access_log.info(
-            "%s %s %s %.1fms session=%s",
+            "%s %s %s %.1fms session=%s events=%s",
             fields["method"],
             fields["path"],
             status,
             fields["duration_ms"],
             fields["session_id"] or "-",
+            "-" if fields["events"] is None else fields["events"],
         )
 
 

@@ -56,13 +56,13 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
 
 
 def forward_headers(request: web.Request, config: Config) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop ones, Host and our own session header.
+    """Client headers minus hop-by-hop ones, Host, Content-Length and our session header.
 
     `Accept-Encoding: identity` is requested when the body asks for a stream, because the
     framer needs plain bytes and re-sending a stream under a stale encoding would break it.
     """
     dropped = HOP_BY_HOP | _connection_tokens(request.headers)
-    own = {"host", "content-length", config.session.header.lower(), "last-event-id"}
+    own = {"host", "content-length", config.session.header.lower()}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()

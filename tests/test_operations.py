@@ -90,6 +90,7 @@ def test_json_log_lines_parse_and_hold_no_secrets(tmp_path: Path) -> None:
         0
     ].items()
     assert access[0]["session_id"] == session_id
+    assert access[0]["events"] == 13
     assert SECRET not in proxy.log()
     assert "count" not in proxy.log()  # no request bodies
 

@@ -243,3 +243,28 @@ async def test_malformed_stream_relays_whole_events_then_ends(
         assert b'"code":"failed"' in body
         async with http.get(f"{proxy.url}/sessions/{session_id}") as response:
             assert (await response.json())["state"] == "failed"
+
+
+async def test_cors_preflight_and_exposed_session_header(config_for: Callable[..., Config]) -> None:
+    config = config_for(**{"server.cors_origins": ["https://app.example"]})
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+        preflight = {
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
+        async with http.options(proxy.base_url + "/chat/completions", headers=preflight) as r:
+            assert r.status == 204
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "POST" in r.headers["Access-Control-Allow-Methods"]
+            assert r.headers["Access-Control-Allow-Headers"] == "authorization, content-type"
+        body = {**CHAT, "stream": True, "mock_tokens": 2}
+        origin = {"Origin": "https://app.example"}
+        async with http.post(proxy.base_url + "/chat/completions", json=body, headers=origin) as r:
+            await r.read()
+            assert r.headers["Access-Control-Allow-Origin"] == "https://app.example"
+            assert "X-Resume-Session-Id" in r.headers["Access-Control-Expose-Headers"]
+        async with http.get(
+            proxy.url + "/healthz", headers={"Origin": "https://evil.example"}
+        ) as r:
+            assert "Access-Control-Allow-Origin" not in r.headers
