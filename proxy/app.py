@@ -25,6 +25,7 @@ from .metrics import Metrics
 from .mock_upstream import MockServer, serve_mock
 from .sessions import SessionManager
 from .storage import open_store
+from .storage.disk import DiskStore
 
 log = logging.getLogger("proxy.app")
 access_log = logging.getLogger("proxy.access")
@@ -130,6 +131,8 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         mock = await serve_mock(tokens=config.mock.tokens, interval_ms=config.mock.interval_ms)
         upstream_url = mock.url
     store = open_store(config.storage)
+    if isinstance(store, DiskStore):
+        store.on_fsync = metrics.fsync_seconds.observe
     await store.start()
     client = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),

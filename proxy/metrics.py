@@ -16,6 +16,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from .storage.disk import DiskStore
+
 if TYPE_CHECKING:
     from .sessions import SessionManager
 
@@ -98,6 +100,20 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.fsync_seconds = Histogram(
+            "resumable_proxy_log_fsync_seconds",
+            "Duration of one log fsync (covering every write before it)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.stored_bytes = Gauge(
+            "resumable_proxy_storage_bytes",
+            "Bytes the store keeps on disk (segment files)",
+            registry=registry,
+        )
+        self.storage_healthy = Gauge(
+            "resumable_proxy_storage_healthy", "1 while the store can write", registry=registry
+        )
         self._inc_relayed = self.events_relayed.inc
 
     def session_started(self) -> None:
@@ -125,5 +141,9 @@ class Metrics:
             self.added_latency.observe(added_ns / 1e9)
 
     def render(self, manager: SessionManager) -> tuple[bytes, str]:
+        store = manager.store
         self.live_sessions.set(manager.live_count)
+        self.storage_healthy.set(1 if store.healthy else 0)
+        if isinstance(store, DiskStore):
+            self.stored_bytes.set(store.stored_bytes())
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -65,6 +65,9 @@ async def test_metrics_parse_and_move_with_traffic(config_for: Callable[..., Con
     assert delta("resumable_proxy_upstream_time_to_first_event_seconds_count") == 1
     assert delta("resumable_proxy_upstream_inter_event_seconds_count") >= 1
     assert delta("resumable_proxy_added_latency_seconds_count") >= 1
+    assert after[("resumable_proxy_storage_bytes", ())] > 1000
+    assert after[("resumable_proxy_storage_healthy", ())] == 1
+    assert ("resumable_proxy_log_fsync_seconds_count", ()) in after
     assert session_id not in text
 
 

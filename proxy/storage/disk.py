@@ -103,6 +103,7 @@ class DiskStore:
         self._sealing: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy = True
+        self.on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
 
     @classmethod
     def open_readonly(cls, directory: str | Path) -> DiskStore:
@@ -348,6 +349,8 @@ class DiskStore:
         if error is not None and message is None:
             logger.error("storage: fsync failed: %r", error)
             message = repr(error)
+        if error is None:
+            self._observe_fsync(job.result())
         for records, write_error in batches:
             self._publish(records, write_error or message)
         self._durable_seq = seq
@@ -386,6 +389,14 @@ class DiskStore:
                 if woken:
                     _wake(woken)
 
+    def _observe_fsync(self, seconds: float) -> None:
+        if self.on_fsync is not None:
+            self.on_fsync(seconds)
+
+    def stored_bytes(self) -> int:
+        """Bytes of segment files on disk (the data-dir size metric)."""
+        return self._log.total_bytes()
+
     def _trouble(self, error: OSError, action: str) -> str:
         """Note a disk failure; logged once per episode, not once per write."""
         message = f"{action} failed: {error.strerror or error}"
@@ -415,9 +426,11 @@ class DiskStore:
             fds = [segment.fd for segment in self._dirty.values()]
             self._dirty.clear()
             try:
-                await self._loop.run_in_executor(self._executor, fsync_all, fds)
+                elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
             except OSError as exc:
                 self._trouble(exc, "fsync")
+            else:
+                self._observe_fsync(elapsed)
 
     async def _retention_ticker(self) -> None:
         period = max(0.5, min(60.0, self._config.retention.ttl / 10))
