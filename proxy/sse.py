@@ -131,15 +131,22 @@ class SSEFramer:
         rest = blocks.pop()
         if not blocks:
             return b"", [], rest
+        # One scan of the whole read settles `id` lines for all its events; then an event
+        # that starts with `data:` needs no further look (OpenAI chat sends only those).
+        id_free = not buffer.startswith(b"id") and b"\nid" not in buffer
+        event_ids = self.event_ids
         parts: list[bytes] = []
         ends: list[int] = []
         size = 0
         number = self.next_id
         for raw in blocks:
-            block = _clean(raw.lstrip(b"\n")) if raw else None
-            if block is None:
-                continue
-            event = b"id: %d\n%s\n\n" % (number, block) if self.event_ids else block + b"\n\n"
+            if id_free and raw.startswith(b"data:"):
+                block: bytes | None = raw
+            else:
+                block = _clean(raw.lstrip(b"\n")) if raw else None
+                if block is None:
+                    continue
+            event = b"id: %d\n%s\n\n" % (number, block) if event_ids else block + b"\n\n"
             number += 1
             parts.append(event)
             size += len(event)
