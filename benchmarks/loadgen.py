@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import random
 import re
 import resource
@@ -355,19 +356,22 @@ async def _serve(pipe: multiprocessing.connection.Connection) -> None:
     commands: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
 
     def readable() -> None:
+        os.set_blocking(fd, True)  # the loop made it non-blocking; a message is read whole
         try:
             commands.put_nowait(pipe.recv())
         except EOFError:
-            loop.remove_reader(pipe.fileno())
+            loop.remove_reader(fd)
             commands.put_nowait(None)
 
-    loop.add_reader(pipe.fileno(), readable)
+    fd = pipe.fileno()
+    loop.add_reader(fd, readable)
     while (command := await commands.get()) is not None:
         name, params = command
         try:
             result = await getattr(worker, name)(params)
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {exc}"}
+        os.set_blocking(fd, True)  # results can exceed the pipe's buffer
         pipe.send(result)
     await worker.release({})
 
