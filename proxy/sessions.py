@@ -40,6 +40,9 @@ from .storage.base import (
 
 log = logging.getLogger("proxy.sessions")
 
+# A resume's first write goes out after a small read, so the time to first replayed byte does
+# not grow with the session; later reads are large, so a long replay is few syscalls.
+FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 256 * 1024
 _ERROR_MESSAGES = {
     FAILED: "the upstream stream failed before it completed",
@@ -222,13 +225,15 @@ async def follow(
     last_write = time.monotonic()
     write: Callable[[bytes], Awaitable[None]] = response.write
     live = False  # True when the events about to be written were waited for, not replayed
+    budget = FIRST_READ_BYTES
     while True:
         try:
-            data, count = await store.read(session_id, next_event, READ_BATCH_BYTES)
+            data, count = await store.read(session_id, next_event, budget)
         except SessionNotFound:
             return  # deleted under us: the stream just ends
         if count:
             await write(data)
+            budget = READ_BATCH_BYTES
             next_event += count
             last_write = time.monotonic()
             if on_write is not None:
