@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 
+import aiofiles
 import aiohttp
 from aiohttp import web
 
@@ -257,15 +258,29 @@ class Api:
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def resume_js(self, request: web.Request) -> web.Response:
-        text = resources.files("proxy").joinpath("client", "resume.js").read_text("utf-8")
         return web.Response(
-            text=text,
+            body=await client_file("resume.js"),
             content_type="text/javascript",
+            charset="utf-8",
             headers={"Cache-Control": "no-cache"},
         )
 
     async def demo(self, request: web.Request) -> web.Response:
         if not self.config.demo_enabled:
             raise NotFound("the demo page is off (server.demo)")
-        text = resources.files("proxy").joinpath("client", "demo.html").read_text("utf-8")
-        return web.Response(text=text, content_type="text/html")
+        return web.Response(
+            body=await client_file("demo.html"), content_type="text/html", charset="utf-8"
+        )
+
+
+_CLIENT_FILES: dict[str, bytes] = {}
+
+
+async def client_file(name: str) -> bytes:
+    """A file shipped in `proxy/client/`, read once off the event loop and then kept."""
+    cached = _CLIENT_FILES.get(name)
+    if cached is None:
+        path = resources.files("proxy").joinpath("client", name)
+        async with aiofiles.open(str(path), "rb") as handle:
+            cached = _CLIENT_FILES[name] = await handle.read()
+    return cached
