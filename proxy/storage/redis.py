@@ -69,6 +69,7 @@ log = logging.getLogger("proxy.storage.redis")
 TAIL_BYTES = 64 * 1024  # per live session: what local readers get without asking Redis
 READ_ENTRIES = 64  # batches per XRANGE; a read is bounded by max_bytes as well
 ARRIVAL_PAGE = 1024  # batches per XRANGE when collecting arrival times
+LOST_KEEP = 60.0  # seconds an ended session Redis missed stays readable from memory
 LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no key lives forever
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
 INDEX = "rp:sessions"
@@ -310,8 +311,7 @@ class RedisStore:
                 await self._redis.ping()
                 self._interrupt_sha = await self._redis.script_load(_INTERRUPT)
                 await self._beat()
-                self._pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
-                await self._pubsub.subscribe(_control_channel(self.replica_id))
+                await self._subscribe()
                 self._healthy = True
                 await self._sweep()
         except (RedisError, OSError, TimeoutError) as exc:
@@ -342,11 +342,19 @@ class RedisStore:
         await self._close_clients()
         self._healthy = False
 
-    async def _close_clients(self) -> None:
-        if self._pubsub is not None:
+    async def _subscribe(self) -> None:
+        assert self._blocking is not None
+        self._pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        await self._pubsub.subscribe(_control_channel(self.replica_id))
+
+    async def _unsubscribe(self) -> None:
+        pubsub, self._pubsub = self._pubsub, None
+        if pubsub is not None:
             with contextlib.suppress(RedisError, OSError):
-                await self._pubsub.aclose()
-            self._pubsub = None
+                await pubsub.aclose()
+
+    async def _close_clients(self) -> None:
+        await self._unsubscribe()
         for client in (self._redis, self._blocking):
             if client is not None:
                 with contextlib.suppress(RedisError, OSError):
@@ -547,11 +555,26 @@ class RedisStore:
                 state, reason = FAILED, f"storage: {live.lost}"
             info.state, info.reason, info.updated_ns = state, reason, ended_ns
             touched.add(live)
-            if live.lost is None or live.settled:
+            if live.lost is None:
                 self._live.pop(info.session_id, None)
+            else:
+                self._release_later(live)
         for live in touched:
             live.trim()
             live.wake()
+
+    def _release_later(self, live: _Live) -> None:
+        """Forget an ended session Redis missed events of, once it has been told it failed
+        and local readers had LOST_KEEP seconds to take the rest from memory (Redis cannot
+        give it to them)."""
+
+        def release() -> None:
+            if not live.settled:
+                self._release_later(live)
+            elif self._live.get(live.info.session_id) is live:
+                del self._live[live.info.session_id]
+
+        asyncio.get_running_loop().call_later(LOST_KEEP, release)
 
     def _lose(self, live: _Live, reason: str) -> None:
         """Redis no longer gets this session's writes: local readers go on from the tail,
@@ -737,12 +760,16 @@ class RedisStore:
 
     async def _control_loop(self) -> None:
         """Stop requests for our sessions and answers to our own requests, from pub/sub."""
-        assert self._pubsub is not None
         while True:
             try:
+                if self._pubsub is None:
+                    await self._subscribe()
+                assert self._pubsub is not None
                 message = await self._pubsub.get_message(timeout=1.0)
             except (RedisError, OSError) as exc:
+                # A fresh subscription is the one reliable way back after Redis restarted.
                 log.debug("control channel: %s", exc)
+                await self._unsubscribe()
                 await asyncio.sleep(self._heartbeat_interval)
                 continue
             if message is None or message.get("type") != "message":
@@ -885,8 +912,6 @@ class RedisStore:
                 live.lost,
                 events,
             )
-            if info.state != STREAMING:
-                self._live.pop(session_id, None)
 
     async def _sweep(self) -> None:
         """Mark `interrupted` the streaming sessions of every replica whose heartbeat is gone."""
