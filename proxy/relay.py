@@ -113,11 +113,22 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _target_path(request: web.Request) -> str:
+    """The request's path and query as sent, to append to `upstream.url`.
+
+    An absolute-form target (`GET http://host/x`, RFC 9112 §3.2.2) must not be appended
+    whole: `https://api.example.co` + `m://...` would name another host, which would then
+    receive the client's credentials. Its authority is ignored and only its path is kept.
+    """
+    raw = request.raw_path
+    return raw if raw.startswith("/") else request.rel_url.raw_path_qs
+
+
 async def build_upstream_request(request: web.Request, config: Config) -> UpstreamRequest:
     body = await read_body(request, config.server.max_body_bytes)
     return UpstreamRequest(
         method=request.method,
-        path=request.raw_path,
+        path=_target_path(request),
         headers=forward_headers(request, config),
         body=body,
         body_sha256=hashlib.sha256(body).hexdigest(),
