@@ -23,6 +23,7 @@ import re
 import resource
 import time
 from array import array
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -276,7 +277,11 @@ class Worker:
             *(slot(random.uniform(0, ramp)) for _ in range(p["streams"])),
             return_exceptions=True,
         )
-        result["errors"] = sum(isinstance(outcome, BaseException) for outcome in outcomes)
+        failures = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        result["errors"] = len(failures)
+        result["error_kinds"] = dict(
+            Counter(f"{type(failure).__name__}: {failure}"[:120] for failure in failures)
+        )
         result["cpu_s"] = _cpu_seconds() - cpu
         result["first_ns"] = min(starts, default=0)
         result["last_ns"] = max(ends, default=0)

@@ -108,6 +108,14 @@ def percentiles_ms(values: list[int]) -> dict[str, float]:
     }
 
 
+def _error_kinds(results: list[dict[str, Any]]) -> dict[str, int]:
+    kinds: dict[str, int] = {}
+    for r in results:
+        for kind, count in r["error_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return kinds
+
+
 class Bench:
     """Runs each workload against each target and keeps every figure in `results`."""
 
@@ -165,6 +173,7 @@ class Bench:
                 "streams": streams,
                 "seconds": round(wall, 3),
                 "errors": sum(r["errors"] for r in results),
+                "error_kinds": _error_kinds(results),
                 "short_streams": sum(r["short"] for r in results),
                 "generator_cpu_s": round(generator_cpu, 3),
                 "generator_cpu_pct_of_core_per_worker": round(
@@ -206,6 +215,7 @@ class Bench:
             figures[name] = {
                 **percentiles_ms(samples),
                 "errors": sum(r["errors"] for r in results),
+                "error_kinds": _error_kinds(results),
                 "short_streams": sum(r["short"] for r in results),
                 "generator_cpu_pct_of_core_per_worker": round(
                     100 * sum(r["cpu_s"] for r in results) / wall / len(results), 1
@@ -382,21 +392,20 @@ def memory(plan: Plan, gen: Generator, start: Any, upstream_port: int) -> dict[s
     }
 
 
-def bench_log(quick: bool) -> dict[str, Any]:
+def bench_log(tmp: Path) -> dict[str, Any]:
+    """The log engine's own micro-benchmark, run as its author meant (`--quick --json`)."""
     script = HERE / "bench_log.py"
     if not script.exists():
         return {"skipped": "benchmarks/bench_log.py is not there yet"}
-    args = [sys.executable, str(script), "--quick", "--json"]
+    json_path = tmp / "bench_log.json"
+    args = [sys.executable, str(script), "--quick", "--json", str(json_path)]
     try:
         done = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"skipped": "bench_log.py took over 120 s"}
-    if done.returncode != 0:
+    if done.returncode != 0 or not json_path.exists():
         return {"skipped": f"bench_log.py exited {done.returncode}: {done.stderr[-500:]}"}
-    try:
-        parsed: dict[str, Any] = json.loads(done.stdout)
-    except json.JSONDecodeError:
-        return {"skipped": "bench_log.py printed no JSON"}
+    parsed: dict[str, Any] = json.loads(json_path.read_text())
     return parsed
 
 
@@ -547,11 +556,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             }
             for name, row in results["memory"].items():
                 report.progress(f"memory {name}: {row}")
+            results["bench_log"] = bench_log(tmp)
         finally:
             generator.close()
             for server in targets.servers.values():
                 server.stop()
-    results["bench_log"] = bench_log(args.quick)
     results["checks"] = report.checks(results)
     return results
 
