@@ -280,6 +280,7 @@ class RedisStore:
         self._ends: list[tuple[_Live, str, str, int]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._serving: set[asyncio.Task[None]] = set()  # stop requests being carried out
         self._stop_handler: StopHandler | None = None
@@ -327,11 +328,14 @@ class RedisStore:
 
     async def close(self) -> None:
         await self.flush()
-        for task in self._tasks:
+        # redis-py can swallow a cancellation that lands inside a command, so the loops also
+        # watch `_closing`; the wait is bounded either way.
+        self._closing = True
+        tasks = [*self._tasks, *self._serving]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._socket_timeout + self._heartbeat_interval)
         self._tasks = []
         if self._redis is not None and self._healthy:
             with contextlib.suppress(RedisError, OSError):
@@ -760,7 +764,7 @@ class RedisStore:
 
     async def _control_loop(self) -> None:
         """Stop requests for our sessions and answers to our own requests, from pub/sub."""
-        while True:
+        while not self._closing:
             try:
                 if self._pubsub is None:
                     await self._subscribe()
@@ -836,7 +840,7 @@ class RedisStore:
         return previous is not None
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._closing:
             await asyncio.sleep(self._heartbeat_interval)
             try:
                 remembered = await self._beat()
