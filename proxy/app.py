@@ -71,7 +71,7 @@ def _access_middleware(metrics: Metrics, json_lines: bool) -> Callable[..., Awai
             status = response.status
             return response
         finally:
-            metrics.requests.labels(str(status)).inc()
+            metrics.request_done(status)
             if access_log.isEnabledFor(logging.INFO):
                 _log_access(request, status, time.monotonic() - started, json_lines)
 

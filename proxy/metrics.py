@@ -1,19 +1,24 @@
 """Prometheus metrics, one registry per app so two proxies in one process never mix counts.
 
-Hot-path hooks are plain method calls on pre-bound children (no label lookup per event).
+Everything on the event path is a plain integer or list update on the event loop thread,
+turned into metric families only when `/metrics` is scraped. prometheus-client's own
+Counter and Histogram take a lock per update, which at several updates per event is a cost
+the relay should not pay; the text format and registry still come from prometheus-client.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import Counter
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
 )
 
 from .storage.disk import DiskStore
@@ -21,7 +26,7 @@ from .storage.disk import DiskStore
 if TYPE_CHECKING:
     from .sessions import SessionManager
 
-_LATENCY_BUCKETS = (
+LATENCY_BUCKETS = (
     0.0001,
     0.00025,
     0.0005,
@@ -40,110 +45,156 @@ _LATENCY_BUCKETS = (
     10.0,
     30.0,
 )
+_PREFIX = "resumable_proxy_"
+
+
+class LatencyHistogram:
+    """Bucket counts and a sum; `observe` is one bisect and two additions."""
+
+    __slots__ = ("counts", "name", "summary", "total")
+
+    def __init__(self, name: str, summary: str) -> None:
+        self.name = name
+        self.summary = summary
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def family(self) -> HistogramMetricFamily:
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        return HistogramMetricFamily(
+            _PREFIX + self.name, self.summary, buckets=buckets, sum_value=self.total
+        )
 
 
 class Metrics:
+    """The proxy's numbers. Only the event loop thread updates them."""
+
     def __init__(self) -> None:
-        self.registry = registry = CollectorRegistry()
-        self.requests = Counter(
-            "resumable_proxy_requests",
-            "HTTP requests answered, by status code",
-            ["status"],
-            registry=registry,
+        self.requests: Counter[int] = Counter()  # by status code
+        self.sessions_started = 0
+        self.sessions_ended: Counter[str] = Counter()  # by final state
+        self.readers = 0
+        self.replays = 0
+        self.events_logged = 0
+        self.bytes_logged = 0
+        self.events_relayed = 0
+        self.upstream_ttfe = LatencyHistogram(
+            "upstream_time_to_first_event_seconds", "Request sent upstream to its first event"
         )
-        self.sessions_started = Counter(
-            "resumable_proxy_sessions_started", "Streams that became sessions", registry=registry
-        )
-        self.sessions_ended = Counter(
-            "resumable_proxy_sessions_ended",
-            "Sessions that reached a final state, by state",
-            ["state"],
-            registry=registry,
-        )
-        self.live_sessions = Gauge(
-            "resumable_proxy_live_sessions",
-            "Sessions whose upstream is being read now",
-            registry=registry,
-        )
-        self.readers = Gauge(
-            "resumable_proxy_readers", "Clients following a session now", registry=registry
-        )
-        self.replays = Counter(
-            "resumable_proxy_replays", "Reads of an existing session (resumes)", registry=registry
-        )
-        self.events_logged = Counter(
-            "resumable_proxy_events_logged", "Events teed into the log", registry=registry
-        )
-        self.bytes_logged = Counter(
-            "resumable_proxy_bytes_logged", "Event bytes teed into the log", registry=registry
-        )
-        self.events_relayed = Counter(
-            "resumable_proxy_events_relayed",
-            "Events written to clients (each reader counts)",
-            registry=registry,
-        )
-        self.upstream_ttfe = Histogram(
-            "resumable_proxy_upstream_time_to_first_event_seconds",
-            "Request sent upstream to its first event",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.inter_event = Histogram(
-            "resumable_proxy_upstream_inter_event_seconds",
+        self.inter_event = LatencyHistogram(
+            "upstream_inter_event_seconds",
             "Gap between consecutive upstream reads that carried events",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
         )
-        self.added_latency = Histogram(
-            "resumable_proxy_added_latency_seconds",
-            "Upstream arrival of an event to its write to the first client",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+        self.added_latency = LatencyHistogram(
+            "added_latency_seconds",
+            "Upstream arrival of an event to its write to a client following live",
         )
-        self.fsync_seconds = Histogram(
-            "resumable_proxy_log_fsync_seconds",
-            "Duration of one log fsync (covering every write before it)",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
+        self.fsync_seconds = LatencyHistogram(
+            "log_fsync_seconds", "Duration of one log fsync (covering every write before it)"
         )
-        self.stored_bytes = Gauge(
-            "resumable_proxy_storage_bytes",
-            "Bytes the store keeps on disk (segment files)",
-            registry=registry,
-        )
-        self.storage_healthy = Gauge(
-            "resumable_proxy_storage_healthy", "1 while the store can write", registry=registry
-        )
-        self._inc_relayed = self.events_relayed.inc
+        self._manager: SessionManager | None = None
+        self.registry = CollectorRegistry()
+        self.registry.register(self)  # type: ignore[arg-type]
+
+    # --- hooks on the event path -----------------------------------------------------------
+
+    def request_done(self, status: int) -> None:
+        self.requests[status] += 1
 
     def session_started(self) -> None:
-        self.sessions_started.inc()
+        self.sessions_started += 1
+
+    def session_ended(self, state: str) -> None:
+        self.sessions_ended[state] += 1
 
     def replay_started(self) -> None:
-        self.replays.inc()
+        self.replays += 1
 
     def reader_joined(self) -> None:
-        self.readers.inc()
+        self.readers += 1
 
     def reader_left(self) -> None:
-        self.readers.dec()
+        self.readers -= 1
 
     def batch_logged(self, count: int, size: int, gap_ns: int, first: bool) -> None:
         """One upstream read's events; `gap_ns` is since the previous read, or since the
         request was sent when `first`."""
-        self.events_logged.inc(count)
-        self.bytes_logged.inc(size)
+        self.events_logged += count
+        self.bytes_logged += size
         (self.upstream_ttfe if first else self.inter_event).observe(gap_ns / 1e9)
 
     def events_written(self, count: int, added_ns: int | None) -> None:
-        self._inc_relayed(count)
+        self.events_relayed += count
         if added_ns is not None:
             self.added_latency.observe(added_ns / 1e9)
 
+    # --- scraping --------------------------------------------------------------------------
+
     def render(self, manager: SessionManager) -> tuple[bytes, str]:
-        store = manager.store
-        self.live_sessions.set(manager.live_count)
-        self.storage_healthy.set(1 if store.healthy else 0)
-        if isinstance(store, DiskStore):
-            self.stored_bytes.set(store.stored_bytes())
+        self._manager = manager
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def collect(self) -> Iterator[Metric]:
+        """Called by the registry at scrape time (prometheus-client's custom collector API)."""
+        requests = CounterMetricFamily(
+            _PREFIX + "requests", "HTTP requests answered, by status code", labels=["status"]
+        )
+        for status, count in sorted(self.requests.items()):
+            requests.add_metric([str(status)], count)
+        yield requests
+        ended = CounterMetricFamily(
+            _PREFIX + "sessions_ended",
+            "Sessions that reached a final state, by state",
+            labels=["state"],
+        )
+        for state, count in sorted(self.sessions_ended.items()):
+            ended.add_metric([state], count)
+        yield ended
+        for name, summary, value in (
+            ("sessions_started", "Streams that became sessions", self.sessions_started),
+            ("replays", "Reads of an existing session (resumes)", self.replays),
+            ("events_logged", "Events teed into the log", self.events_logged),
+            ("bytes_logged", "Event bytes teed into the log", self.bytes_logged),
+            (
+                "events_relayed",
+                "Events written to clients (each reader counts)",
+                self.events_relayed,
+            ),
+        ):
+            yield CounterMetricFamily(_PREFIX + name, summary, value=value)
+        yield GaugeMetricFamily(
+            _PREFIX + "readers", "Clients following a session now", value=self.readers
+        )
+        for histogram in (
+            self.upstream_ttfe,
+            self.inter_event,
+            self.added_latency,
+            self.fsync_seconds,
+        ):
+            yield histogram.family()
+        manager = self._manager
+        if manager is None:
+            return
+        store = manager.store
+        yield GaugeMetricFamily(
+            _PREFIX + "live_sessions",
+            "Sessions whose upstream is being read now",
+            value=manager.live_count,
+        )
+        yield GaugeMetricFamily(
+            _PREFIX + "storage_healthy", "1 while the store can write", value=int(store.healthy)
+        )
+        if isinstance(store, DiskStore):
+            yield GaugeMetricFamily(
+                _PREFIX + "storage_bytes",
+                "Bytes the store keeps on disk (segment files)",
+                value=store.stored_bytes(),
+            )

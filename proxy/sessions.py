@@ -195,7 +195,7 @@ class SessionManager:
         except asyncio.CancelledError:
             state, reason = self._stop_as.pop(session_id, (INTERRUPTED, "proxy shut down"))
             store.end(session_id, state, reason, clock())
-            metrics.sessions_ended.labels(state).inc()
+            metrics.session_ended(state)
             upstream.close()
             raise
         finally:
@@ -203,7 +203,7 @@ class SessionManager:
         if state != COMPLETE:
             log.warning("session %s ended %s: %s", session_id, state, reason)
         store.end(session_id, state, reason, clock())
-        metrics.sessions_ended.labels(state).inc()
+        metrics.session_ended(state)
 
 
 async def follow(
