@@ -37,6 +37,8 @@ import logging
 import os
 import secrets
 import socket
+import struct
+import sys
 import time
 from array import array
 from bisect import bisect_right
@@ -67,7 +69,6 @@ from .base import (
 log = logging.getLogger("proxy.storage.redis")
 
 TAIL_BYTES = 64 * 1024  # per live session: what local readers get without asking Redis
-READ_ENTRIES = 64  # batches per XRANGE; a read is bounded by max_bytes as well
 ARRIVAL_PAGE = 1024  # batches per XRANGE when collecting arrival times
 LOST_KEEP = 60.0  # seconds an ended session Redis missed stays readable from memory
 LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no key lives forever
@@ -77,6 +78,75 @@ REPLICAS = "rp:replicas"
 _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
+
+# Scripts go by EVAL, not EVALSHA: Redis caches them by digest anyway, and a restarted Redis
+# (which forgot every loaded script) needs no NOSCRIPT dance. They name stream keys from their
+# arguments, so they suit one Redis (with replicas), not a Cluster.
+
+# Every batch of one flush, packed by `_write` into one argument (a uint32 header of six
+# lengths, then the stream key, entry id, ends, data, byte count and arrival time): one
+# command per flush instead of one XADD per batch, because redis-py spends far more time
+# packing and parsing a command than Redis spends running it. A batch Redis already has
+# (a repeat after a retried write) fails its XADD, which is what the entry ids are for.
+_BATCH_HEAD = struct.Struct("<6I")
+_APPEND = """
+local blob = ARGV[1]
+local pos = 1
+while pos <= #blob do
+  local kl, il, el, dl, bl, tl, p = struct.unpack('<I4I4I4I4I4I4', blob, pos)
+  local key = string.sub(blob, p, p + kl - 1); p = p + kl
+  local id = string.sub(blob, p, p + il - 1); p = p + il
+  local e = string.sub(blob, p, p + el - 1); p = p + el
+  local d = string.sub(blob, p, p + dl - 1); p = p + dl
+  local b = string.sub(blob, p, p + bl - 1); p = p + bl
+  local t = string.sub(blob, p, p + tl - 1); pos = p + tl
+  local reply = redis.pcall('XADD', key, id, 'd', d, 'e', e, 'b', b, 't', t)
+  if type(reply) == 'table' and reply.err and not string.find(reply.err, 'equal or smaller') then
+    return reply
+  end
+end
+return 0
+"""
+
+# Events ARGV[1].. of a stream, cut server-side to whole events within ARGV[2] bytes (at least
+# one): the reply is the bytes and the count, not the entries, so a replay costs Redis a few
+# string copies and costs the proxy nothing per event.
+_READ = """
+local expected, budget = tonumber(ARGV[1]), tonumber(ARGV[2])
+local parts, total, count = {}, 0, 0
+local cursor = ARGV[1]
+while true do
+  local entries = redis.call('XRANGE', KEYS[1], cursor, '+', 'COUNT', 64)
+  for _, entry in ipairs(entries) do
+    local f, d, e = entry[2], nil, nil
+    for j = 1, #f, 2 do
+      if f[j] == 'd' then d = f[j + 1] elseif f[j] == 'e' then e = f[j + 1] end
+    end
+    if d then
+      local n = #e / 4
+      local first = tonumber(string.match(entry[1], '^%d+')) - n + 1
+      if first > expected then return {table.concat(parts), count} end
+      local skip = expected - first
+      local begin = 0
+      if skip > 0 then begin = struct.unpack('<I4', e, 4 * (skip - 1) + 1) end
+      local stop, finish = n, #d
+      if finish - begin > budget - total then
+        stop, finish = skip, begin
+        while stop < n do
+          local at = struct.unpack('<I4', e, 4 * stop + 1)
+          if at - begin > budget - total and count + stop - skip > 0 then break end
+          stop, finish = stop + 1, at
+        end
+      end
+      parts[#parts + 1] = string.sub(d, begin + 1, finish)
+      total, count, expected = total + finish - begin, count + stop - skip, expected + stop - skip
+      if stop < n then return {table.concat(parts), count} end
+    end
+  end
+  if #entries < 64 then return {table.concat(parts), count} end
+  cursor = '(' .. entries[#entries][1]
+end
+"""
 
 # Ends a session whose owner stopped heartbeating, if nothing changed since we looked:
 # still streaming, same owner, heartbeat still gone. The event count is the stream's,
@@ -153,10 +223,12 @@ def _entry_last_event(entry_id: bytes) -> int:
     return int(entry_id.split(b"-", 1)[0])
 
 
-def _ends_of(raw: bytes) -> array[int]:
-    ends = array(_ENDS)
-    ends.frombytes(raw)
-    return ends
+def _ends_bytes(ends: Sequence[int]) -> bytes:
+    """Event end offsets as little-endian uint32, the layout the Lua scripts unpack."""
+    packed = array(_ENDS, ends)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def take_events(
@@ -272,7 +344,6 @@ class RedisStore:
         self._redis: Redis | None = None
         self._blocking: Redis | None = None  # XREAD BLOCK and pub/sub: no socket timeout
         self._pubsub: PubSub | None = None
-        self._interrupt_sha = ""
         self._healthy = False
         self._live: dict[str, _Live] = {}
         self._creates: list[_Live] = []
@@ -310,7 +381,6 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._socket_timeout * 3):
                 await self._redis.ping()
-                self._interrupt_sha = await self._redis.script_load(_INTERRUPT)
                 await self._beat()
                 await self._subscribe()
                 self._healthy = True
@@ -447,18 +517,25 @@ class RedisStore:
             if live.lost is None:
                 self._queue_create(pipe, live, owned)
         byte_counts: dict[_Live, int] = {}
+        packed: list[bytes] = []
+        started: list[str] = []
         for live, first, data, event_ends, arrival in batches:
             if live.lost is not None or live.deleted:
                 continue
-            session_id = live.info.session_id
             total = byte_counts.get(live, live.stored_bytes) + len(data)
             byte_counts[live] = total
-            key = _events_key(session_id)
-            last = first + len(event_ends) - 1
-            fields = {"d": data, "e": array(_ENDS, event_ends).tobytes(), "b": total, "t": arrival}
-            pipe.xadd(key, fields, id=f"{last}-0")  # type: ignore[arg-type]
+            key = _events_key(live.info.session_id).encode()
+            entry_id = b"%d-0" % (first + len(event_ends) - 1)
+            offsets = _ends_bytes(event_ends)
+            size, stamp = b"%d" % total, b"%d" % arrival
+            lengths = (len(key), len(entry_id), len(offsets), len(data), len(size), len(stamp))
+            packed += (_BATCH_HEAD.pack(*lengths), key, entry_id, offsets, data, size, stamp)
             if first == 1:
-                pipe.pexpire(key, self._live_expiry_ms)
+                started.append(key.decode())
+        if packed:
+            pipe.eval(_APPEND, 0, b"".join(packed))
+        for key in started:
+            pipe.pexpire(key, self._live_expiry_ms)
         for live, state, reason, ended_ns in ends:
             if live.lost is None and not live.deleted:
                 self._queue_end(pipe, live, state, reason, ended_ns, owned)
@@ -469,10 +546,10 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             self._set_unhealthy(exc)
             return str(exc) or type(exc).__name__
-        for result in results:
-            # A batch Redis already has (a repeat after a retried write) is what ids are for.
-            if isinstance(result, ResponseError) and "equal or smaller" not in str(result):
-                log.error("redis refused a write: %s", result)
+        refused = [result for result in results if isinstance(result, ResponseError)]
+        if refused:
+            log.error("redis refused a write: %s", refused[0])
+            return f"redis refused a write: {refused[0]}"
         return None
 
     def _queue_create(self, pipe: Pipeline, live: _Live, owned: str) -> None:
@@ -659,10 +736,10 @@ class RedisStore:
                     f"session {session_id}: events from {start_event} were not stored "
                     f"({live.lost}) and left memory"
                 )
-        entries = await self._call(
-            self._client().xrange(_events_key(session_id), str(start_event), "+", READ_ENTRIES)
+        data, count = await self._call(
+            self._client().eval(_READ, 1, _events_key(session_id), start_event, max_bytes)
         )
-        return take_events(_batches_of(entries), start_event, max_bytes)
+        return data, int(count)
 
     async def wait(self, session_id: str, after_event: int, timeout: float) -> None:
         live = self._live.get(session_id)
@@ -824,7 +901,7 @@ class RedisStore:
         ]
         args = [session_id, owner, f"replica {owner} stopped heartbeating"]
         args += [time.time_ns(), self._ttl_ms]
-        done = await self._call(self._client().evalsha(self._interrupt_sha, 4, *keys, *args))
+        done = await self._call(self._client().eval(_INTERRUPT, 4, *keys, *args))
         if done:
             log.warning(
                 "session %s interrupted: replica %s stopped heartbeating", session_id, owner
@@ -934,13 +1011,3 @@ class RedisStore:
                 await self._interrupt(raw.decode(), replica)
             if not await client.scard(_owned_key(replica)):
                 await client.srem(REPLICAS, replica)
-
-
-def _batches_of(entries: list[Any]) -> Iterable[tuple[int, bytes, Sequence[int]]]:
-    """(first_event, data, ends) of the event entries in an XRANGE reply; end marks skipped."""
-    for entry_id, fields in entries:
-        data = fields.get(b"d")
-        if data is None:
-            continue
-        ends = _ends_of(fields[b"e"])
-        yield _entry_last_event(entry_id) - len(ends) + 1, data, ends

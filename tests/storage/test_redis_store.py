@@ -135,6 +135,12 @@ async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
         assert await read_all(store, "session-0001", start) == expected
         assert await read_all(other, "session-0001", start) == expected
     assert (await other.read("session-0001", 2, 1)) == (event(2), 1)
+    batches = [(1, *batch(1, 3)), (4, *batch(4, 1)), (5, *batch(5, 4))]
+    for start in range(1, 10):
+        for max_bytes in (1, 40, 80, 100, 150, 400):
+            # Redis cuts server-side exactly as the in-memory tail does.
+            expected_cut = take_events(batches, start, max_bytes)
+            assert await other.read("session-0001", start, max_bytes) == expected_cut
     info = await other.get("session-0001")
     assert info is not None
     assert (info.state, info.events, info.bytes) == (STREAMING, 8, len(whole))
