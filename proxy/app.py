@@ -20,11 +20,12 @@ from aiohttp import web
 from .access import cors_middleware, cors_on_prepare
 from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
-from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError
+from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError, StorageUnavailable
 from .metrics import Metrics
 from .mock_upstream import MockServer, serve_mock
 from .sessions import SessionManager
 from .storage import open_store
+from .storage.base import StorageError
 from .storage.disk import DiskStore
 
 log = logging.getLogger("proxy.app")
@@ -49,6 +50,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ProxyError as exc:
         return web.json_response(exc.body(), status=exc.status)
+    except StorageError as exc:
+        log.error("storage unavailable on %s %s: %s", request.method, request.path, exc)
+        failure = StorageUnavailable("the session store is unavailable; try again shortly")
+        return web.json_response(failure.body(), status=failure.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
