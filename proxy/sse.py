@@ -18,6 +18,11 @@ import re
 
 MAX_EVENT_BYTES = 8 * 1024 * 1024
 KEEPALIVE = b": keepalive\n"
+# An unfinished event this long is held as a list of reads instead of being re-joined and
+# re-scanned on every read: that would cost O(n²) loop time on a long line (an 8 MiB line in
+# 16 KiB reads is seconds of CPU during which no other stream is served).
+_HOLD_BYTES = 64 * 1024
+_BLANK_LINE_PAIRS = (b"\n\n", b"\r\r", b"\n\r")  # every blank line contains one of these
 
 _BOM = b"\xef\xbb\xbf"
 # A blank line: one line terminator followed by another. `\r(?!\n)` keeps a CRLF whole, so
@@ -69,7 +74,16 @@ def _clean(block: bytes) -> bytes | None:
 class SSEFramer:
     """Frames one upstream stream. Not thread-safe; one per stream."""
 
-    __slots__ = ("_buffer", "_crlf_mode", "_max_event_bytes", "_started", "event_ids", "next_id")
+    __slots__ = (
+        "_buffer",
+        "_crlf_mode",
+        "_held",
+        "_held_bytes",
+        "_max_event_bytes",
+        "_started",
+        "event_ids",
+        "next_id",
+    )
 
     def __init__(
         self,
@@ -81,6 +95,8 @@ class SSEFramer:
         self.event_ids = event_ids
         self.next_id = first_id
         self._buffer = b""
+        self._held: list[bytes] = []  # reads of an unfinished event past _HOLD_BYTES
+        self._held_bytes = 0
         self._crlf_mode = False  # becomes True at the first CR; LF-only streams take a fast path
         self._started = False
         self._max_event_bytes = max_event_bytes
@@ -88,11 +104,19 @@ class SSEFramer:
     @property
     def pending(self) -> bytes:
         """Bytes of an event not yet ended by a blank line."""
-        return self._buffer
+        return b"".join(self._held) if self._held else self._buffer
 
     def feed(self, chunk: bytes) -> tuple[bytes, list[int]]:
         """Frame one read. Returns the rendered events and each one's end offset."""
-        buffer = self._buffer + chunk if self._buffer else chunk
+        held = self._held
+        if held:
+            edge = held[-1][-2:] + chunk[:1]
+            if not any(pair in chunk or pair in edge for pair in _BLANK_LINE_PAIRS):
+                return self._hold(chunk)
+            buffer = b"".join(held) + chunk
+            self._held, self._held_bytes = [], 0
+        else:
+            buffer = self._buffer + chunk if self._buffer else chunk
         if not self._started:
             # One BOM may open the stream (WHATWG §9.2.6); it can arrive split across reads.
             if len(buffer) < len(_BOM) and _BOM.startswith(buffer):
@@ -107,12 +131,24 @@ class SSEFramer:
             out, ends, rest = self._frame_any_eol(buffer, final=False)
         else:
             out, ends, rest = self._frame_lf(buffer)
-        if len(rest) > self._max_event_bytes:
+        self._buffer = b""
+        if len(rest) >= _HOLD_BYTES or len(rest) > self._max_event_bytes:
+            self._hold(rest)
+        else:
+            self._buffer = rest
+        return out, ends
+
+    def _hold(self, piece: bytes) -> tuple[bytes, list[int]]:
+        """Keep a piece of an unfinished event that no blank line can end yet."""
+        if not self._crlf_mode and b"\r" in piece:
+            self._crlf_mode = True
+        self._held.append(piece)
+        self._held_bytes += len(piece)
+        if self._held_bytes > self._max_event_bytes:
             raise MalformedStream(
                 f"an event grew past {self._max_event_bytes} bytes without a blank line"
             )
-        self._buffer = rest
-        return out, ends
+        return b"", []
 
     def finish(self) -> tuple[bytes, list[int], bool]:
         """At upstream EOF: events still held back, and whether the stream ended cleanly.
@@ -120,7 +156,8 @@ class SSEFramer:
         Only a CR held back at the very end (it might have been the first half of a CRLF)
         can complete an event here; any other leftover non-blank bytes are a torn event.
         """
-        out, ends, rest = b"", [], self._buffer
+        out, ends, rest = b"", [], self.pending
+        self._held, self._held_bytes = [], 0
         if self._crlf_mode and rest:
             out, ends, rest = self._frame_any_eol(rest, final=True)
         self._buffer = b""
