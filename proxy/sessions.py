@@ -166,9 +166,16 @@ class SessionManager:
         decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
         state, reason = COMPLETE, ""
         clock = time.time_ns
+        idle = config.upstream.idle_timeout
+        loop = asyncio.get_running_loop()
+        # aiohttp's own sock_read timer is not enough: when its C parser rejects a chunked
+        # body mid-stream it drops that timer and never ends the payload, so without this
+        # one a broken upstream would hold the session open until max_duration.
+        stall = asyncio.timeout(idle)
         try:
-            async with asyncio.timeout(config.session.max_duration):
+            async with asyncio.timeout(config.session.max_duration), stall:
                 async for chunk in upstream.content.iter_any():
+                    stall.reschedule(loop.time() + idle)
                     arrival = clock()
                     if decode is not None:
                         chunk = decode(chunk)
@@ -189,7 +196,10 @@ class SessionManager:
         except aiohttp.ServerTimeoutError:
             state, reason = FAILED, "upstream stalled past upstream.idle_timeout"
         except TimeoutError:
-            state, reason = FAILED, "stream exceeded session.max_duration"
+            if stall.expired():
+                state, reason = FAILED, "upstream stalled past upstream.idle_timeout"
+            else:
+                state, reason = FAILED, "stream exceeded session.max_duration"
         except (aiohttp.ClientError, ConnectionError) as exc:
             state, reason = FAILED, f"upstream connection broke: {type(exc).__name__}"
         except asyncio.CancelledError:
