@@ -1,0 +1,257 @@
+"""Upstream faults: each ends in the contract's state with the right error event, and a
+healthy stream relayed beside it at the same moment keeps its normal pace.
+
+Cut mid-event and between events, a stall past `upstream.idle_timeout`, malformed SSE (no
+blank line at all, binary garbage, a 10 MB line against the framer's 8 MiB limit), a second
+status line (a 5xx) inside a body already streaming, an upstream that accepts and never
+answers, and one that trickles a byte a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.config import Config
+from proxy.sse import MAX_EVENT_BYTES, MalformedStream, SSEFramer
+
+from ..helpers import event_ids, run_proxy
+from .figures import record
+from .raw_upstream import LAST_CHUNK, SSE_HEAD, RawUpstream, Route, chunk, paced_stream, sse_event
+
+AUTH = {"Authorization": "Bearer sk-normal"}
+FAULT_AUTH = {"Authorization": "Bearer sk-faults"}
+NORMAL_EVENTS = 40
+NORMAL_PAUSE = 0.01
+
+
+def _garbage(size: int, seed: int) -> bytes:
+    """Binary noise with no line terminator in it (so it cannot end or start an event)."""
+    rng = random.Random(seed)
+    noise = bytes(rng.getrandbits(8) for _ in range(size))
+    return noise.replace(b"\n", b"\x00").replace(b"\r", b"\x01")
+
+
+def sends(*steps: bytes | float, cut: bool) -> Route:
+    """Bytes are written as they are, floats are pauses; then cut or end the body cleanly."""
+
+    async def route(writer: asyncio.StreamWriter) -> None:
+        writer.write(SSE_HEAD)
+        for step in steps:
+            if isinstance(step, bytes):
+                writer.write(step)
+                await writer.drain()
+            else:
+                await asyncio.sleep(step)
+        if cut:
+            writer.transport.abort()
+        else:
+            writer.write(LAST_CHUNK)
+
+    return route
+
+
+async def ten_megabyte_line(writer: asyncio.StreamWriter) -> None:
+    """10 MiB without a line terminator, in 8 KiB pieces that the proxy reads one by one."""
+    writer.write(SSE_HEAD + chunk(b"data: "))
+    piece = chunk(b"x" * 8192)
+    for _ in range(1280):
+        writer.write(piece)
+        await writer.drain()
+        await asyncio.sleep(0)
+
+
+async def never_answers(writer: asyncio.StreamWriter) -> None:
+    await asyncio.sleep(30)
+
+
+async def one_byte_a_second(writer: asyncio.StreamWriter) -> None:
+    writer.write(SSE_HEAD + chunk(sse_event(0) + b"data: [DONE]"))
+    await writer.drain()
+    for byte in (b"\n", b"\n"):
+        await asyncio.sleep(1.0)
+        writer.write(chunk(byte))
+        await writer.drain()
+    writer.write(LAST_CHUNK)
+
+
+GARBAGE_BLOCK = _garbage(4096, 1)
+TRAILING_GARBAGE = _garbage(2048, 2)
+
+
+@dataclass(frozen=True)
+class Fault:
+    route: Route
+    upstream_events: bytes  # what upstream sent that forms whole events (framed for the check)
+    state: str | None = "failed"  # None: no session, the client gets an error status
+    status: int = 200
+    error_code: str | None = "failed"  # the code of the final error event or error body
+    idle_timeout: str = "300ms"
+
+
+FAULTS = {
+    "cut_mid_event": Fault(
+        sends(chunk(sse_event(0)), 0.2, chunk(sse_event(1) + b'data: {"tor'), 0.2, cut=True),
+        sse_event(0) + sse_event(1),
+    ),
+    "cut_between_events": Fault(
+        sends(chunk(sse_event(0)), 0.2, chunk(sse_event(1)), 0.2, cut=True),
+        sse_event(0) + sse_event(1),
+    ),
+    "stall_past_idle_timeout": Fault(
+        sends(chunk(sse_event(0)), 5.0, chunk(sse_event(1)), cut=False), sse_event(0)
+    ),
+    "no_blank_lines": Fault(
+        sends(*(chunk(b"data: line %d\n" % n) for n in range(2000)), cut=False), b""
+    ),
+    "binary_garbage": Fault(
+        sends(
+            chunk(sse_event(0) + GARBAGE_BLOCK + b"\n\n"),
+            0.2,
+            chunk(sse_event(1) + TRAILING_GARBAGE),
+            cut=False,
+        ),
+        sse_event(0) + sse_event(1),
+    ),
+    "ten_megabyte_line": Fault(ten_megabyte_line, b""),
+    "status_500_inside_the_body": Fault(
+        sends(
+            chunk(sse_event(0)),
+            0.2,
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n",
+            0.2,
+            cut=False,
+        ),
+        sse_event(0),
+    ),
+    "accepts_and_never_answers": Fault(
+        never_answers, b"", state=None, status=504, error_code="upstream_timeout"
+    ),
+    "one_byte_a_second": Fault(
+        one_byte_a_second,
+        sse_event(0) + b"data: [DONE]\n\n",
+        state="complete",
+        error_code=None,
+        idle_timeout="1500ms",
+    ),
+}
+
+
+async def timed_normal_stream(
+    http: aiohttp.ClientSession, url: str, delay: float = 0.0
+) -> tuple[float, bytes]:
+    await asyncio.sleep(delay)
+    started = time.monotonic()
+    async with http.post(url + "/normal", data=b"{}", headers=AUTH) as response:
+        body = await response.read()
+    return time.monotonic() - started, body
+
+
+async def read_fault(http: aiohttp.ClientSession, url: str) -> tuple[aiohttp.ClientResponse, bytes]:
+    async with http.post(url + "/fault", data=b"{}", headers=FAULT_AUTH) as response:
+        return response, await response.read()
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+async def test_upstream_fault_ends_in_contract_state_while_other_streams_keep_pace(
+    name: str, config_for: Callable[..., Config]
+) -> None:
+    fault = FAULTS[name]
+    upstream = await RawUpstream(
+        {"/fault": fault.route, "/normal": paced_stream(NORMAL_EVENTS, NORMAL_PAUSE)}
+    ).start()
+    config = config_for(upstream.url, **{"upstream.idle_timeout": fault.idle_timeout})
+    expected_events, _ = SSEFramer().feed(fault.upstream_events)
+    try:
+        async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+            alone, _ = await timed_normal_stream(http, proxy.url)
+            started = time.monotonic()
+            async with asyncio.timeout(60):
+                (response, body), (beside, normal) = await asyncio.gather(
+                    read_fault(http, proxy.url),
+                    timed_normal_stream(http, proxy.url, delay=0.05),
+                )
+            fault_seconds = time.monotonic() - started
+            assert response.status == fault.status
+            if fault.state is None:
+                error: dict[str, Any] = json.loads(body)["error"]
+                assert error["code"] == fault.error_code
+                assert "X-Resume-Session-Id" not in response.headers
+                async with http.get(proxy.url + "/sessions", headers=FAULT_AUTH) as listing:
+                    assert (await listing.json())["data"] == []
+            else:
+                session_id = response.headers["X-Resume-Session-Id"]
+                assert body.startswith(expected_events)
+                rest = body[len(expected_events) :]
+                if fault.error_code is None:
+                    assert rest == b""
+                else:
+                    final = json.loads(rest.removeprefix(b"data: "))
+                    assert final["error"]["code"] == fault.error_code
+                    assert final["error"]["type"] == "resumable_proxy_error"
+                async with http.get(f"{proxy.url}/sessions/{session_id}", headers=FAULT_AUTH) as r:
+                    info = await r.json()
+                assert info["state"] == fault.state
+                assert info["events"] == len(event_ids(expected_events))
+                async with http.get(
+                    f"{proxy.url}/sessions/{session_id}/events", headers=FAULT_AUTH
+                ) as r:
+                    assert await r.read() == body
+    finally:
+        await upstream.stop()
+    assert event_ids(normal) == list(range(1, NORMAL_EVENTS + 2))
+    assert beside < alone * 1.25 + 0.1, f"normal stream took {beside:.2f}s, {alone:.2f}s alone"
+    record(
+        f"upstream_fault[{name}]",
+        state=fault.state or f"{fault.status}",
+        fault_s=round(fault_seconds, 2),
+        normal_alone_s=round(alone, 3),
+        normal_beside_s=round(beside, 3),
+    )
+
+
+def framed(pieces: list[bytes]) -> tuple[bytes, bool]:
+    framer = SSEFramer()
+    out = [framer.feed(piece)[0] for piece in pieces]
+    rest, _, clean = framer.finish()
+    return b"".join(out) + rest, clean
+
+
+long_line = st.integers(min_value=60_000, max_value=150_000).map(lambda n: b"data: " + b"x" * n)
+short_line = st.sampled_from([b"data: a", b": comment", b"id: 7", b"", b"event: e"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(st.one_of(long_line, short_line), min_size=1, max_size=8),
+    eol=st.sampled_from([b"\n", b"\r\n", b"\r"]),
+    cuts=st.lists(st.integers(min_value=0, max_value=600_000), max_size=40),
+)
+def test_events_longer_than_a_read_frame_the_same_under_any_split(
+    lines: list[bytes], eol: bytes, cuts: list[int]
+) -> None:
+    data = eol.join(lines) + eol + eol
+    points = sorted({cut % (len(data) + 1) for cut in cuts})
+    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+    assert framed(pieces) == framed([data])
+
+
+def test_a_line_past_the_limit_in_small_reads_is_rejected_in_linear_time() -> None:
+    framer = SSEFramer()
+    framer.feed(b"data: ")
+    piece = b"x" * 1024
+    started = time.monotonic()
+    with pytest.raises(MalformedStream):
+        for _ in range(MAX_EVENT_BYTES // len(piece) + 1):
+            framer.feed(piece)
+    assert time.monotonic() - started < 1.0  # re-joining per read took minutes here
