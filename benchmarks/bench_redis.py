@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from procs import Server, free_port
+from procs import Server, start_redis
 
 from proxy.config import StorageConfig
 from proxy.storage.base import COMPLETE, SessionMeta
@@ -159,19 +159,8 @@ def main() -> None:
     url = args.redis_url
     try:
         if url is None:
-            port = free_port()
-            server = Server(
-                "redis-server",
-                [
-                    shutil.which("redis-server") or "/usr/bin/redis-server",
-                    *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory)),
-                    *("--save", "", "--appendonly", "no"),
-                ],
-                port,
-                directory / "redis.log",
-                {},
-            ).wait_ready()
-            url = f"redis://127.0.0.1:{port}/0"
+            server = start_redis(directory)
+            url = f"redis://127.0.0.1:{server.port}/0"
         rows, results = asyncio.run(run(url, args.quick))
     finally:
         if server is not None:

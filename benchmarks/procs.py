@@ -9,6 +9,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 _running: list[Server] = []
 
 
@@ -104,6 +106,19 @@ class Server:
                 self.process.wait(5)
         if self in _running:
             _running.remove(self)
+
+
+def redis_available() -> bool:
+    return Path(REDIS_SERVER).exists()
+
+
+def start_redis(work_dir: Path) -> Server:
+    """A `redis-server` on a free loopback port, no persistence, its files in `work_dir`."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work_dir)]
+    args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    return Server("redis-server", args, port, work_dir / "redis.log", {}).wait_ready()
 
 
 @atexit.register

@@ -1,7 +1,8 @@
 """Turns a run's figures into results.json, results.md and PNG plots, and checks targets.
 
 The targets are issue 7's; each proxy flavour is checked on its own, since which loop a user
-gets depends on whether uvloop is installed.
+gets depends on whether uvloop is installed. proxy-redis (the Redis backend) takes part in
+some workloads only, so it is checked on the figures it has.
 """
 
 from __future__ import annotations
@@ -39,11 +40,11 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     for proxy in proxies:
         for mode, figures in results["throughput"].items():
-            if NGINX in figures:
+            if NGINX in figures and proxy in figures:
                 ratio = figures[proxy]["events_per_s"] / figures[NGINX]["events_per_s"]
                 add(proxy, f"throughput {mode}", round(ratio, 3), ">= 1.0x nginx", ratio >= 1.0)
-        at_200 = results["latency"].get("200")
-        if at_200:
+        at_200 = results["latency"].get("200", {})
+        if proxy in at_200:
             added = at_200[proxy]["added_p50_ms"]
             add(proxy, "added p50 at 200 streams (ms)", added, "<= 0.3 ms", added <= 0.3)
             if NGINX in at_200:
@@ -55,12 +56,13 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
                     f"<= {limit:.2f} (nginx + 1)",
                     p99 <= limit,
                 )
-        at_1000 = results["latency"].get("1000")
-        if at_1000:
+        at_1000 = results["latency"].get("1000", {})
+        if proxy in at_1000:
             p99 = at_1000[proxy]["p99_ms"]
             add(proxy, "p99 at 1000 streams (ms)", p99, "< 50 ms", p99 < 50)
-        resume = results["resume"][proxy]["resume_first_byte"]["p50_ms"]
-        add(proxy, "resume first byte p50 (ms)", resume, "<= 1 ms", resume <= 1.0)
+        if proxy in results["resume"]:
+            resume = results["resume"][proxy]["resume_first_byte"]["p50_ms"]
+            add(proxy, "resume first byte p50 (ms)", resume, "<= 1 ms", resume <= 1.0)
         memory = results.get("memory", {}).get(proxy)
         if memory:
             kib = memory["kib_per_live_session"]
@@ -111,7 +113,9 @@ def markdown(results: dict[str, Any]) -> str:
         f" {results['generator_workers']} load generator processes; run took "
         f"{results['run_seconds']} s{QUICK_NOTE if results['quick'] else ''}.",
         "Rerun: `python benchmarks/run.py` (all on 127.0.0.1; the proxy runs as "
-        "`python -m proxy serve` with its default config: disk log, `fsync: interval`).",
+        "`python -m proxy serve` with its default config: disk log, `fsync: interval`; "
+        "proxy-redis is the same on uvloop with `storage.backend: redis`, its own "
+        "`redis-server` without persistence, in the throughput and latency workloads only).",
         "",
         "## Targets (issue 7)",
         "",
@@ -140,6 +144,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "x nginx",
                 "server CPU %",
                 "upstream CPU %",
+                "redis-server CPU %",
                 "generator CPU %/worker",
                 "errors",
             ],
@@ -152,6 +157,7 @@ def markdown(results: dict[str, Any]) -> str:
                     _ratio(row["events_per_s"], nginx),
                     row["server_cpu_pct"],
                     row["upstream_cpu_pct"],
+                    row.get("redis_cpu_pct", "-"),
                     row["generator_cpu_pct_of_core_per_worker"],
                     row["errors"] + row["short_streams"],
                 ]
@@ -180,6 +186,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "added p99.9",
                 "p99 x nginx",
                 "server CPU %",
+                "redis-server CPU %",
                 "generator CPU %/worker",
                 "samples",
                 "errors",
@@ -196,6 +203,7 @@ def markdown(results: dict[str, Any]) -> str:
                     row["added_p999_ms"],
                     _ratio(row["p99_ms"], nginx.get("p99_ms")),
                     row["server_cpu_pct"],
+                    row.get("redis_cpu_pct", "-"),
                     row["generator_cpu_pct_of_core_per_worker"],
                     row["samples"],
                     row["errors"] + row["short_streams"],
@@ -326,12 +334,14 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         axes, (("p50_ms", "p50"), ("p99_ms", "p99"), ("p999_ms", "p99.9")), strict=True
     ):
         for name in targets:
-            axis.plot(
-                concurrencies,
-                [results["latency"][str(c)][name][key] for c in concurrencies],
-                marker="o",
-                label=name,
-            )
+            measured = [c for c in concurrencies if name in results["latency"][str(c)]]
+            if measured:
+                axis.plot(
+                    measured,
+                    [results["latency"][str(c)][name][key] for c in measured],
+                    marker="o",
+                    label=name,
+                )
         axis.set_title(f"{title} latency per event")
         axis.set_xlabel("concurrent streams (50 events/s each)")
         axis.set_xscale("log")
@@ -348,10 +358,14 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     figure, axis = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / len(targets)
     for index, name in enumerate(targets):
-        values = [results["throughput"][mode][name]["events_per_s"] for mode in modes]
+        # 0 where the target was not measured (proxy-redis in --quick)
+        values = [
+            results["throughput"][mode].get(name, {}).get("events_per_s", 0) for mode in modes
+        ]
         positions = [m + index * width for m in range(len(modes))]
         bars = axis.bar(positions, values, width, label=name)
-        axis.bar_label(bars, labels=[f"{v / 1000:.0f}k" for v in values], fontsize=8)
+        labels = [f"{v / 1000:.0f}k" if v else "not run" for v in values]
+        axis.bar_label(bars, labels=labels, fontsize=8)
     axis.set_xticks(
         [m + width * (len(targets) - 1) / 2 for m in range(len(modes))],
         [mode.replace("_", " ") for mode in modes],

@@ -4,10 +4,11 @@
 
 Everything runs on 127.0.0.1 as children of this process: the stamping upstream
 (`upstream.py`), nginx (`nginx.py`), the proxy as `python -m proxy serve` with its default
-config (disk log, `fsync: interval`) once on uvloop and once on the stock asyncio loop, and
-the load generator processes (`loadgen.py`). Targets are interleaved workload by workload so
-that drift on the machine touches every column alike. Results go to DIR as results.json
-(every figure), results.md (tables) and PNG plots (`report.py`).
+config (disk log, `fsync: interval`) once on uvloop and once on the stock asyncio loop, the
+proxy with the Redis backend in front of its own `redis-server` (throughput and latency
+workloads only), and the load generator processes (`loadgen.py`). Targets are interleaved
+workload by workload so that drift on the machine touches every column alike. Results go to
+DIR as results.json (every figure), results.md (tables) and PNG plots (`report.py`).
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ from typing import Any
 import report
 from loadgen import PLAIN_BODY, Generator, split, stream_body
 from nginx import nginx_binary, nginx_version, start_nginx
-from procs import Server, cpu_seconds, free_port, rss_bytes
+from procs import Server, cpu_seconds, free_port, redis_available, rss_bytes, start_redis
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHAT = "/v1/chat/completions"
 DIRECT, NGINX = "direct", "nginx"
+PROXY_REDIS, REDIS = "proxy-redis", "redis-server"
 # Blocks the uvloop import so `serve` falls back to the stock loop (it uses uvloop when it can).
 _WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()"
 
@@ -57,6 +59,9 @@ class Plan:
     resume_events: int = 1000
     memory_sessions: int = 1000
     profile_seconds: float = 8.0
+    # The workloads proxy-redis takes part in ("latency": at every concurrency); its ttfb,
+    # resume and memory are not measured.
+    redis_workloads: tuple[str, ...] = ("throughput 1", "throughput 20", "latency")
 
     @classmethod
     def quick(cls) -> Plan:
@@ -70,19 +75,36 @@ class Plan:
             resume_sessions=5,
             memory_sessions=50,
             profile_seconds=2.0,
+            redis_workloads=("throughput 20",),
         )
 
 
 @dataclass
 class Targets:
-    """Where each column's requests go, and the pid whose CPU is that column's cost."""
+    """Where each column's requests go, and the pid whose CPU is that column's cost.
+
+    `servers` also holds redis-server, which is no column: proxy-redis's rows show its CPU.
+    A column in `only` is measured in the workloads listed there and no others ("latency"
+    stands for "latency 100", "latency 200" and so on)."""
 
     ports: dict[str, int] = field(default_factory=dict)
     servers: dict[str, Server] = field(default_factory=dict)
+    only: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
         return list(self.ports)
+
+    def measured(self, workload: str) -> dict[str, int]:
+        """The columns `workload` runs against, name to port."""
+        return {
+            name: port
+            for name, port in self.ports.items()
+            if any(
+                workload == listed or workload.startswith(f"{listed} ")
+                for listed in self.only.get(name, (workload,))
+            )
+        }
 
     @property
     def proxies(self) -> list[str]:
@@ -128,6 +150,15 @@ class Bench:
     def _cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(server.pid) for name, server in self.targets.servers.items()}
 
+    @staticmethod
+    def _redis_cpu(
+        name: str, before: dict[str, float], after: dict[str, float], wall: float
+    ) -> dict[str, float]:
+        """redis-server's CPU for proxy-redis's row, which would hide it otherwise."""
+        if name != PROXY_REDIS:
+            return {}
+        return {"redis_cpu_pct": round(100 * (after[REDIS] - before[REDIS]) / wall, 1)}
+
     def _streams(
         self, port: int, streams: int, body: bytes, expected: int, seconds: float, **extra: Any
     ) -> tuple[list[dict[str, Any]], float]:
@@ -153,7 +184,7 @@ class Bench:
         plan = self.plan
         body = stream_body(plan.throughput_events, per_write)
         figures: dict[str, Any] = {}
-        for name, port in self.targets.ports.items():
+        for name, port in self.targets.measured(f"throughput {per_write}").items():
             cpu_before = self._cpu()
             results, _ = self._streams(
                 port,
@@ -181,6 +212,7 @@ class Bench:
                 ),
                 "server_cpu_pct": round(100 * (cpu_after[name] - cpu_before[name]) / wall, 1),
                 "upstream_cpu_pct": round(100 * (cpu_after[DIRECT] - cpu_before[DIRECT]) / wall, 1),
+                **self._redis_cpu(name, cpu_before, cpu_after, wall),
             }
             report.progress(f"throughput {per_write}/write {name}: {figures[name]}")
         return figures
@@ -190,7 +222,7 @@ class Bench:
         events = int(plan.latency_rate * plan.latency_seconds)
         body = stream_body(events, 1, plan.latency_rate)
         figures: dict[str, Any] = {}
-        for name, port in self.targets.ports.items():
+        for name, port in self.targets.measured(f"latency {concurrency}").items():
             cpu_before = self._cpu()
             start_at = time.monotonic() + 0.3
             # Every stream is live in this window: all have started, none has ended.
@@ -221,6 +253,7 @@ class Bench:
                     100 * sum(r["cpu_s"] for r in results) / wall / len(results), 1
                 ),
                 "server_cpu_pct": round(100 * (cpu_after[name] - cpu_before[name]) / wall, 1),
+                **self._redis_cpu(name, cpu_before, cpu_after, wall),
             }
             report.progress(f"latency {concurrency} streams {name}: {figures[name]}")
         for row in figures.values():
@@ -247,7 +280,7 @@ class Bench:
         stream = [("POST", CHAT, stream_body(5))] * n
         plain = [("POST", CHAT, PLAIN_BODY)] * n
         figures: dict[str, Any] = {"ttfb": {}, "plain": {}}
-        for name, port in self.targets.ports.items():
+        for name, port in self.targets.measured("first byte").items():
             figures["ttfb"][name] = percentiles_ms(
                 [row[1] for row in self._sequence(port, stream, False)]
             )
@@ -269,7 +302,7 @@ class Bench:
         answer = stream_body(plan.resume_events, 20)
         fresh_calls = [("POST", CHAT, answer)] * plan.resume_sessions
         figures: dict[str, Any] = {}
-        for name, port in self.targets.ports.items():
+        for name, port in self.targets.measured("resume").items():
             fresh = self._sequence(port, fresh_calls, True)
             row: dict[str, Any] = {
                 "fresh_first_byte": percentiles_ms([r[1] for r in fresh]),
@@ -449,14 +482,17 @@ def machine_info(nginx: str | None) -> dict[str, Any]:
     }
 
 
-def _proxy_starter(tmp: Path, upstream_port: int, uvloop: bool) -> Any:
-    """A function starting a fresh `serve` child with the default config and its own dir."""
+def _proxy_starter(
+    tmp: Path, upstream_port: int, uvloop: bool, redis_url: str | None = None
+) -> Any:
+    """A function starting a fresh `serve` child with its own dir and the default config, or
+    with the Redis backend on `redis_url` (then on uvloop when installed, as `serve` does)."""
     runs = 0
 
     def start() -> Server:
         nonlocal runs
         runs += 1
-        name = f"proxy-{'uvloop' if uvloop else 'asyncio'}"
+        name = PROXY_REDIS if redis_url else f"proxy-{'uvloop' if uvloop else 'asyncio'}"
         work = tmp / f"{name}-{runs}"
         work.mkdir()
         port = free_port()
@@ -468,6 +504,10 @@ def _proxy_starter(tmp: Path, upstream_port: int, uvloop: bool) -> Any:
             "--data-dir",
             str(work / "data"),
         ]
+        if redis_url:
+            config = work / "proxy.yaml"
+            config.write_text(f"storage:\n  backend: redis\n  redis_url: {redis_url}\n")
+            args += ["--config", str(config)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = Server(name, args, port, work / "proxy.log", env)
         return server.wait_ready()
@@ -531,6 +571,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, start in starters.items():
                 server = start()
                 targets.ports[name], targets.servers[name] = server.port, server
+            if redis_available():
+                redis = start_redis(tmp / "redis")
+                targets.servers[REDIS] = redis
+                redis_url = f"redis://127.0.0.1:{redis.port}/0"
+                server = _proxy_starter(tmp, upstream.port, True, redis_url)()
+                targets.ports[PROXY_REDIS], targets.servers[PROXY_REDIS] = server.port, server
+                targets.only[PROXY_REDIS] = plan.redis_workloads
+            else:
+                report.progress("redis-server not found: the proxy-redis column is skipped")
             bench = Bench(plan, generator, targets)
             results["targets"] = targets.names
             results["throughput"] = {
@@ -545,7 +594,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     name: bench.profile(name, py_spy, out)
                     if Path(py_spy).exists()
                     else {"skipped": "py-spy is not installed"}
-                    for name in targets.proxies
+                    for name in targets.measured("profile")
+                    if name in targets.proxies
                 }
             for name in targets.proxies:
                 targets.servers.pop(name).stop()
@@ -563,7 +613,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         finally:
             generator.close()
-            for server in targets.servers.values():
+            for server in reversed(targets.servers.values()):  # proxy-redis before redis-server
                 server.stop()
     results["checks"] = report.checks(results)
     return results
