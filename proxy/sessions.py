@@ -44,6 +44,7 @@ log = logging.getLogger("proxy.sessions")
 # not grow with the session; later reads are large, so a long replay is few syscalls.
 FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 256 * 1024
+STALLED = "upstream stalled past upstream.idle_timeout"
 _ERROR_MESSAGES = {
     FAILED: "the upstream stream failed before it completed",
     CANCELLED: "the stream was cancelled",
@@ -166,16 +167,11 @@ class SessionManager:
         decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
         state, reason = COMPLETE, ""
         clock = time.time_ns
-        idle = config.upstream.idle_timeout
-        loop = asyncio.get_running_loop()
-        # aiohttp's own sock_read timer is not enough: when its C parser rejects a chunked
-        # body mid-stream it drops that timer and never ends the payload, so without this
-        # one a broken upstream would hold the session open until max_duration.
-        stall = asyncio.timeout(idle)
+        watch = _StallWatch(config.upstream.idle_timeout)
         try:
-            async with asyncio.timeout(config.session.max_duration), stall:
+            async with asyncio.timeout(config.session.max_duration):
                 async for chunk in upstream.content.iter_any():
-                    stall.reschedule(loop.time() + idle)
+                    watch.reads += 1
                     arrival = clock()
                     if decode is not None:
                         chunk = decode(chunk)
@@ -194,26 +190,67 @@ class SessionManager:
         except MalformedStream as exc:
             state, reason = FAILED, f"malformed stream: {exc}"
         except aiohttp.ServerTimeoutError:
-            state, reason = FAILED, "upstream stalled past upstream.idle_timeout"
+            state, reason = FAILED, STALLED
         except TimeoutError:
-            if stall.expired():
-                state, reason = FAILED, "upstream stalled past upstream.idle_timeout"
-            else:
-                state, reason = FAILED, "stream exceeded session.max_duration"
+            state, reason = FAILED, "stream exceeded session.max_duration"
         except (aiohttp.ClientError, ConnectionError) as exc:
             state, reason = FAILED, f"upstream connection broke: {type(exc).__name__}"
         except asyncio.CancelledError:
-            state, reason = self._stop_as.pop(session_id, (INTERRUPTED, "proxy shut down"))
-            store.end(session_id, state, reason, clock())
-            metrics.session_ended(state)
+            if not watch.fired or session_id in self._stop_as:
+                state, reason = self._stop_as.pop(session_id, (INTERRUPTED, "proxy shut down"))
+                store.end(session_id, state, reason, clock())
+                metrics.session_ended(state)
+                upstream.close()
+                raise
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
             upstream.close()
-            raise
+            state, reason = FAILED, STALLED
         finally:
+            watch.close()
             upstream.release()
         if state != COMPLETE:
             log.warning("session %s ended %s: %s", session_id, state, reason)
         store.end(session_id, state, reason, clock())
         metrics.session_ended(state)
+
+
+class _StallWatch:
+    """Ends a pump whose upstream has sent nothing for `upstream.idle_timeout`.
+
+    aiohttp's sock_read timer covers most stalls but not all: when its C parser rejects a
+    chunked body mid-stream it drops that timer and never ends the payload. Re-arming a timer
+    on every read would put a timer on the hot path per event; instead each read bumps a
+    counter, and a timer ticking four times per idle period cancels the pump once the counter
+    has not moved for four ticks (so a stall ends between 1 and 1.25 idle periods in).
+    """
+
+    __slots__ = ("_handle", "_loop", "_period", "_quiet", "_seen", "_task", "fired", "reads")
+    TICKS = 4
+
+    def __init__(self, idle: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._period = idle / self.TICKS
+        self.reads = 0
+        self.fired = False
+        self._seen = 0
+        self._quiet = 0
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def _tick(self) -> None:
+        if self.reads != self._seen:
+            self._seen = self.reads
+            self._quiet = 0
+        else:
+            self._quiet += 1
+            if self._quiet >= self.TICKS and self._task is not None:
+                self.fired = True
+                self._task.cancel()
+                return
+        self._handle = self._loop.call_later(self._period, self._tick)
+
+    def close(self) -> None:
+        self._handle.cancel()
 
 
 async def follow(
