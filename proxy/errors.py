@@ -77,3 +77,8 @@ class UpstreamTimeout(ProxyError):
 class StorageUnavailable(ProxyError):
     status = 503
     code = "storage_unavailable"
+
+
+class ShuttingDown(ProxyError):
+    status = 503
+    code = "shutting_down"

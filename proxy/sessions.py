@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 
 from .config import SESSION_ID_PATTERN, Config
-from .errors import ERROR_TYPE, InvalidSessionId, SessionNotFound
+from .errors import ERROR_TYPE, InvalidSessionId, SessionNotFound, ShuttingDown
 from .metrics import Metrics
 from .sse import KEEPALIVE, MalformedStream, SSEFramer
 from .storage.base import (
@@ -96,6 +96,7 @@ class SessionManager:
         self._pumps: dict[str, asyncio.Task[None]] = {}
         self._stop_as: dict[str, tuple[str, str]] = {}
         self._last_arrival: dict[str, int] = {}
+        self._closed = False  # the shutdown grace is over: no session starts any more
         store.set_stop_handler(self._stop_local)
 
     @property
@@ -111,6 +112,9 @@ class SessionManager:
 
     def start(self, meta: SessionMeta, upstream: aiohttp.ClientResponse) -> SessionInfo:
         """Log the new session and start reading its upstream in a task of its own."""
+        if self._closed:
+            upstream.close()
+            raise ShuttingDown("the proxy is shutting down; send the request again")
         info = self.store.create(meta)
         session_id = meta.session_id
         task = asyncio.create_task(self._pump(meta, upstream))
@@ -141,11 +145,18 @@ class SessionManager:
         return True
 
     async def shutdown(self, grace: float) -> None:
-        """Let live reads finish for up to `grace` seconds, then end the rest interrupted."""
-        pending = list(self._pumps.values())
-        if pending:
-            log.info("waiting up to %.1fs for %d live streams", grace, len(pending))
-            await asyncio.wait(pending, timeout=grace)
+        """Let live reads finish for up to `grace` seconds, then end the rest interrupted.
+
+        Requests accepted before the listener closed can still start sessions meanwhile:
+        those are waited for too, and once the grace is over no session starts any more.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self._pumps:
+            log.info("waiting up to %.1fs for %d live streams", grace, len(self._pumps))
+        while self._pumps and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(list(self._pumps.values()), timeout=left)
+        self._closed = True
         rest = list(self._pumps)
         if rest:
             log.warning("%d streams still live after the grace period: interrupted", len(rest))
@@ -214,6 +225,18 @@ class SessionManager:
         metrics.session_ended(state)
 
 
+class EventStreamResponse(web.StreamResponse):
+    """A stream response whose headers leave with its first events, in one write.
+
+    aiohttp's `Response` already defers headers this way; a `StreamResponse` sends them on
+    `prepare`, which costs a syscall per stream. `follow` sends them alone, with an empty
+    write, only when it is about to wait for events that are not there yet, so a client
+    still learns the session id at once while an upstream thinks.
+    """
+
+    _send_headers_immediately = False
+
+
 class _StallWatch:
     """Ends a pump whose upstream has sent nothing for `upstream.idle_timeout`.
 
@@ -272,6 +295,7 @@ async def follow(
     last_write = time.monotonic()
     write: Callable[[bytes], Awaitable[None]] = response.write
     live = False  # True when the events about to be written were waited for, not replayed
+    headers_sent = False
     budget = FIRST_READ_BYTES
     while True:
         try:
@@ -280,6 +304,7 @@ async def follow(
             return  # deleted under us: the stream just ends
         if count:
             await write(data)
+            headers_sent = True
             budget = READ_BATCH_BYTES
             next_event += count
             last_write = time.monotonic()
@@ -301,5 +326,8 @@ async def follow(
             await write(KEEPALIVE)
             last_write = time.monotonic()
             continue
+        if not headers_sent:
+            await write(b"")  # the headers, so the client has the session id while it waits
+            headers_sent = True
         await store.wait(session_id, next_event - 1, idle)
         live = True
