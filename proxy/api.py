@@ -33,7 +33,13 @@ from .relay import (
     response_headers,
     send_upstream,
 )
-from .sessions import SessionManager, check_session_id, follow, new_session_id
+from .sessions import (
+    EventStreamResponse,
+    SessionManager,
+    check_session_id,
+    follow,
+    new_session_id,
+)
 from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
 from .summary import iso_time, session_details, session_summary
 
@@ -111,7 +117,7 @@ class Api:
             upstream.close()
             raise SessionConflict(f"session {requested_id} was created by another request")
         self.manager.start(meta, upstream)
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
         response.headers[config.session.header] = meta.session_id
         return await self._serve_reader(request, response, meta.session_id, 0)
@@ -148,7 +154,7 @@ class Api:
                 f"({info.events} events, {info.state})"
             )
         self.metrics.replay_started()
-        response = web.StreamResponse(status=200)
+        response = EventStreamResponse(status=200)
         for name, value in info.meta.headers:
             response.headers.add(name, value)
         if "Content-Type" not in response.headers:
