@@ -48,7 +48,7 @@ log = logging.getLogger("proxy.api")
 SESSION_ID = web.RequestKey("session_id", str)
 EVENTS_SENT = web.RequestKey("events_sent", int)
 
-_OFFSET = re.compile(r"^\s*(\d{1,18})\s*$")
+_OFFSET = re.compile(r"^\s*(\d{1,18})\s*$", re.ASCII)  # `\d` alone takes "٣" as 3
 # Headers a replay sends again; the rest of the upstream's headers described that one reply.
 _REPLAY_HEADERS = frozenset(
     {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
