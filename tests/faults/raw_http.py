@@ -19,9 +19,13 @@ class RawResponse:
     headers: list[tuple[str, str]]
     body: bytes
 
-    def header(self, name: str) -> str | None:
+    def header(self, name: str, default: str | None = None) -> str | None:
         lowered = name.lower()
-        return next((value for key, value in self.headers if key.lower() == lowered), None)
+        return next((value for key, value in self.headers if key.lower() == lowered), default)
+
+    @property
+    def content_type(self) -> str:
+        return self.header("Content-Type", "") or ""
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -39,13 +43,34 @@ def _dechunk(body: bytes) -> bytes:
     return bytes(out)
 
 
+def _complete(received: bytes, head_request: bool) -> bool:
+    """Whether `received` holds a whole response (a refused request's body may never be
+    read by the server, which then keeps the connection open a while: EOF is no signal)."""
+    head, separator, body = received.partition(b"\r\n\r\n")
+    if not separator:
+        return False
+    if head_request:
+        return True
+    lowered = head.lower()
+    if b"\r\ntransfer-encoding: chunked" in lowered:
+        return body.endswith(b"0\r\n\r\n")
+    for line in lowered.split(b"\r\n"):
+        if line.startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":", 1)[1])
+    return False
+
+
 def exchange(port: int, request: bytes, timeout: float = 10.0) -> RawResponse:
-    """Send `request` (which should say `Connection: close`) and read the answer to EOF."""
+    """Send `request` (which should say `Connection: close`) and read one whole answer."""
     received = bytearray()
+    head_request = request.startswith(b"HEAD ")
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         try:
             sock.sendall(request)
-            while chunk := sock.recv(65536):
+            while not _complete(bytes(received), head_request):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
                 received += chunk
         except (ConnectionResetError, BrokenPipeError):
             pass  # a server may stop reading a request it refused; what it sent still counts
