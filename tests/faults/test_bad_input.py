@@ -22,12 +22,12 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from ..helpers import ThreadedProxy, event_ids, make_config
-from .figures import CI, record
+from .figures import FUZZ_EXAMPLES, record
 from .raw_http import RawResponse, exchange, request_bytes
 
 AUTH = (b"Authorization", b"Bearer sk-fuzz")
 LIMIT = 4096
-FUZZ = settings(max_examples=CI.fuzz_examples, deadline=None, database=None)
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
 ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,128}")
 EXAMPLES: dict[str, int] = {}
 
