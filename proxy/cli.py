@@ -86,6 +86,9 @@ def serve(
             host=config.server.host,
             port=config.server.port,
             access_log=None,
+            # aiohttp's default of 128 drops SYNs when a burst of clients (a deploy, a
+            # reconnect storm after a network blip) arrives at once; the kernel caps it anyway.
+            backlog=4096,
             shutdown_timeout=config.server.shutdown_grace + 5,
             print=lambda _: click.echo(
                 f"resumable-proxy listening on {listening} -> {_upstream_name(config)}", err=True
