@@ -20,7 +20,8 @@ from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -108,7 +109,13 @@ def frame_events(
 
 
 def encode_meta(meta: SessionMeta) -> bytes:
-    return json.dumps(asdict(meta), separators=(",", ":")).encode()
+    """JSON of the meta; fields listed by hand because `dataclasses.asdict` deep-copies
+    recursively, which showed up per stream in the relay's profile."""
+    values = {name: getattr(meta, name) for name in _META_FIELDS}
+    return json.dumps(values, separators=(",", ":")).encode()
+
+
+_META_FIELDS = tuple(item.name for item in dataclass_fields(SessionMeta))
 
 
 def decode_meta(raw: bytes) -> SessionMeta:
