@@ -457,6 +457,10 @@ class Log:
             runs = None if newest else self._load_index(segment)
             if runs is None:
                 runs = self._scan(segment, newest)
+            if newest:
+                # It becomes current again: its index, written when it is sealed, must list
+                # what earlier runs of the proxy wrote to it, not only what this one adds.
+                segment.runs = runs
             self.segments[base] = segment
             for run in runs:
                 self._apply(run, segment)
