@@ -73,7 +73,10 @@ async def test_sigterm_under_load_loses_nothing_a_client_saw_and_exits_0(
     proxy.start()
     assert proxy.process is not None
     streams = [Stream(short=False) for _ in range(scale.shutdown_streams)]
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+    async with aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=60),
+        connector=aiohttp.TCPConnector(limit=0),  # every stream at once, not 100 at a time
+    ) as http:
         tasks = [asyncio.create_task(read_all(http, proxy.url, body, s)) for s in streams]
         async with asyncio.timeout(60):
             while not all(s.seen.count(b"\n\n") >= 3 for s in streams):
