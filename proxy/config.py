@@ -7,7 +7,6 @@ fixes a broken file in one edit instead of one restart per typo.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -452,8 +451,3 @@ def _cross_checks(config: Config) -> list[str]:
             f"{config.storage.redis_url!r}"
         )
     return problems
-
-
-def replace(config: Config, **sections: Any) -> Config:
-    """A copy with whole sections swapped; tests and the CLI use it to adjust one part."""
-    return dataclasses.replace(config, **sections)

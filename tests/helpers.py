@@ -220,6 +220,17 @@ async def read_sse(
             return response, await response.read()
 
 
+def mock_stream_body(tokens: int, interval_ms: float) -> dict[str, object]:
+    """A chat request the built-in mock answers with `tokens` deltas `interval_ms` apart."""
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "a long answer"}],
+        "stream": True,
+        "mock_tokens": tokens,
+        "mock_interval_ms": interval_ms,
+    }
+
+
 def event_ids(body: bytes) -> list[int]:
     return [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")]
 

@@ -12,19 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import ROOT, ProxyProcess, event_ids
+from .helpers import ROOT, ProxyProcess, event_ids, mock_stream_body
 
 AUTH = {"Authorization": "Bearer sk-carol"}
-
-
-def body(tokens: int, interval_ms: float) -> dict[str, object]:
-    return {
-        "model": "m",
-        "messages": [{"role": "user", "content": "a long answer"}],
-        "stream": True,
-        "mock_tokens": tokens,
-        "mock_interval_ms": interval_ms,
-    }
 
 
 @pytest.fixture
@@ -62,7 +52,7 @@ def test_kill9_mid_stream_then_restart_keeps_every_event_a_client_saw(
     first = start(proxies, data_dir)
     with httpx.Client(timeout=20) as http:
         with http.stream(
-            "POST", first.url + "/v1/chat/completions", json=body(2000, 5), headers=AUTH
+            "POST", first.url + "/v1/chat/completions", json=mock_stream_body(2000, 5), headers=AUTH
         ) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             seen = whole_events(read_events(response.iter_raw(), 40))
@@ -84,7 +74,7 @@ def test_sigterm_lets_live_streams_finish_within_grace_and_exits_0(
     proxy = start(proxies, tmp_path / "data")
     with httpx.Client(timeout=20) as http:
         with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=body(40, 20), headers=AUTH
+            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(40, 20), headers=AUTH
         ) as response:
             chunks = response.iter_raw()
             seen = read_events(chunks, 3)
@@ -106,7 +96,10 @@ def test_sigterm_past_grace_ends_streams_interrupted_with_error_event(
     proxy = start(proxies, data_dir, "--config", str(config))
     with httpx.Client(timeout=20) as http:
         with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=body(1000, 10), headers=AUTH
+            "POST",
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(1000, 10),
+            headers=AUTH,
         ) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             chunks = response.iter_raw()
@@ -141,10 +134,12 @@ def test_offline_cli_reads_a_data_dir_while_the_proxy_writes_it(
     data_dir = tmp_path / "data"
     proxy = start(proxies, data_dir)
     with httpx.Client(timeout=20) as http:
-        done = http.post(proxy.url + "/v1/chat/completions", json=body(5, 0), headers=AUTH)
+        done = http.post(
+            proxy.url + "/v1/chat/completions", json=mock_stream_body(5, 0), headers=AUTH
+        )
         finished_id = done.headers["X-Resume-Session-Id"]
         with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=body(500, 10), headers=AUTH
+            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(500, 10), headers=AUTH
         ) as response:
             live_id = response.headers["X-Resume-Session-Id"]
             read_events(response.iter_raw(), 5)

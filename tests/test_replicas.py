@@ -16,22 +16,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import ProxyProcess, event_ids
+from .helpers import ProxyProcess, event_ids, mock_stream_body
 from .redis_server import RedisServer, redis_available
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
 AUTH = {"Authorization": "Bearer sk-dave"}
-
-
-def body(tokens: int, interval_ms: float) -> dict[str, object]:
-    return {
-        "model": "m",
-        "messages": [{"role": "user", "content": "a long answer"}],
-        "stream": True,
-        "mock_tokens": tokens,
-        "mock_interval_ms": interval_ms,
-    }
 
 
 @pytest.fixture
@@ -103,7 +93,11 @@ def test_live_tail_from_another_replica_gets_identical_bytes(
     a, b, c = replicas
     tails: dict[str, bytes] = {}
     with httpx.stream(
-        "POST", f"{a.url}/v1/chat/completions", json=body(80, 15), headers=AUTH, timeout=30
+        "POST",
+        f"{a.url}/v1/chat/completions",
+        json=mock_stream_body(80, 15),
+        headers=AUTH,
+        timeout=30,
     ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         chunks = response.iter_bytes()
@@ -129,7 +123,11 @@ def test_kill9_of_the_owner_leaves_every_seen_event_on_the_others_and_interrupts
 ) -> None:
     a, b, c = replicas
     with httpx.stream(
-        "POST", f"{a.url}/v1/chat/completions", json=body(2000, 10), headers=AUTH, timeout=30
+        "POST",
+        f"{a.url}/v1/chat/completions",
+        json=mock_stream_body(2000, 10),
+        headers=AUTH,
+        timeout=30,
     ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         seen = whole_events(read_until(response.iter_bytes(), 40))
@@ -155,7 +153,9 @@ def test_cancel_and_delete_from_replicas_that_do_not_own_the_stream(
 ) -> None:
     a, b, c = replicas
     url = f"{a.url}/v1/chat/completions"
-    with httpx.stream("POST", url, json=body(2000, 10), headers=AUTH, timeout=30) as response:
+    with httpx.stream(
+        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
+    ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         chunks = response.iter_bytes()
         read_until(chunks, 5)
@@ -167,7 +167,9 @@ def test_cancel_and_delete_from_replicas_that_do_not_own_the_stream(
     assert session_json(a, session_id)["state"] == "cancelled"
     assert error_code(replay(b, session_id)) == "cancelled"
 
-    with httpx.stream("POST", url, json=body(2000, 10), headers=AUTH, timeout=30) as response:
+    with httpx.stream(
+        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
+    ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         chunks = response.iter_bytes()
         read_until(chunks, 5)
@@ -189,7 +191,11 @@ def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes
 
     assert health() == 200
     with httpx.stream(
-        "POST", f"{a.url}/v1/chat/completions", json=body(300, 20), headers=AUTH, timeout=30
+        "POST",
+        f"{a.url}/v1/chat/completions",
+        json=mock_stream_body(300, 20),
+        headers=AUTH,
+        timeout=30,
     ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         chunks = response.iter_bytes()
@@ -214,7 +220,9 @@ def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes
     assert "redis" in str(info["reason"])
     # Control reconnected too: a new stream on A can be cancelled from B.
     url = f"{a.url}/v1/chat/completions"
-    with httpx.stream("POST", url, json=body(2000, 10), headers=AUTH, timeout=30) as response:
+    with httpx.stream(
+        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
+    ) as response:
         session_id = response.headers["X-Resume-Session-Id"]
         chunks = response.iter_bytes()
         read_until(chunks, 5)
