@@ -19,6 +19,7 @@ from .access import credential_digest, is_admin, may_access
 from .config import Config
 from .errors import (
     InvalidOffset,
+    InvalidState,
     NotFound,
     OffsetOutOfRange,
     SessionConflict,
@@ -236,7 +237,7 @@ class Api:
     async def list_sessions(self, request: web.Request) -> web.Response:
         state = request.query.get("state")
         if state is not None and state not in STATES:
-            raise InvalidOffset(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
+            raise InvalidState(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
         admin = is_admin(request, self.config)
         if not admin and self.config.session.bind_header not in request.headers:
             raise NotFound("no sessions for this caller")

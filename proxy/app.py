@@ -20,7 +20,13 @@ from aiohttp import web
 from .access import cors_middleware, cors_on_prepare
 from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
-from .errors import ERROR_TYPE, MethodNotAllowed, ProxyError, StorageUnavailable
+from .errors import (
+    ERROR_TYPE,
+    BodyTooLarge,
+    MethodNotAllowed,
+    ProxyError,
+    StorageUnavailable,
+)
 from .metrics import Metrics
 from .mock_upstream import MockServer, serve_mock
 from .sessions import SessionManager
@@ -49,7 +55,11 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ProxyError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        response = web.json_response(exc.body(), status=exc.status)
+        if isinstance(exc, BodyTooLarge):
+            # The rest of the body is still on its way; closing beats reading it to discard.
+            response.force_close()
+        return response
     except StorageError as exc:
         log.error("storage unavailable on %s %s: %s", request.method, request.path, exc)
         failure = StorageUnavailable("the session store is unavailable; try again shortly")

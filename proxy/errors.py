@@ -34,6 +34,10 @@ class InvalidOffset(BadRequest):
     code = "invalid_offset"
 
 
+class InvalidState(BadRequest):
+    code = "invalid_state"
+
+
 class SessionNotFound(ProxyError):
     status = 404
     code = "session_not_found"
