@@ -18,24 +18,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ..helpers import ProxyProcess, event_ids
+from ..helpers import ProxyProcess, event_ids, mock_stream_body
 from .figures import SCALES, Scale, record
 
 AUTH = {"Authorization": "Bearer sk-crash-loop"}
 
 
-def chat(tokens: int, interval_ms: float) -> dict[str, object]:
-    return {
-        "model": "m",
-        "messages": [{"role": "user", "content": "crash me"}],
-        "stream": True,
-        "mock_tokens": tokens,
-        "mock_interval_ms": interval_ms,
-    }
-
-
-LONG = chat(100_000, 10)  # still streaming at every kill
-SHORT = chat(5, 1)  # complete before the kill
+LONG = mock_stream_body(100_000, 10)  # still streaming at every kill
+SHORT = mock_stream_body(5, 1)  # complete before the kill
 
 
 @dataclass
