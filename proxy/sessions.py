@@ -103,9 +103,6 @@ class SessionManager:
     def live_count(self) -> int:
         return len(self._pumps)
 
-    def is_live(self, session_id: str) -> bool:
-        return session_id in self._pumps
-
     def last_arrival_ns(self, session_id: str) -> int | None:
         """When the newest events of a live session arrived from upstream."""
         return self._last_arrival.get(session_id)
