@@ -88,7 +88,7 @@ class RetentionConfig:
 class StorageConfig:
     backend: str = "disk"
     dir: Path = Path("./data")
-    segment_bytes: int = 64 * 1024 * 1024
+    segment_bytes: int = 32 * 1024 * 1024
     fsync: str = "interval"
     fsync_interval_ms: int = 100
     retention: RetentionConfig = field(default_factory=RetentionConfig)
