@@ -19,9 +19,8 @@ import pytest
 from proxy import access
 from proxy.config import Config
 
-from ..helpers import event_ids, run_proxy
+from ..helpers import event_ids, mock_stream_body, run_proxy
 from .figures import record
-from .test_crash_loop import chat
 
 OWNER = "Bearer sk-owner"
 ADMIN_TOKEN = "admin-secret-token"
@@ -54,7 +53,7 @@ def headers_for(credential: str | None) -> dict[str, str]:
 
 async def start_live(http: aiohttp.ClientSession, url: str) -> tuple[str, aiohttp.ClientResponse]:
     response = await http.post(
-        url + "/v1/chat/completions", json=chat(150, 10), headers=headers_for(OWNER)
+        url + "/v1/chat/completions", json=mock_stream_body(150, 10), headers=headers_for(OWNER)
     )
     await response.content.readuntil(b"\n\n")
     return response.headers["X-Resume-Session-Id"], response
@@ -78,7 +77,9 @@ async def test_every_owned_path_answers_404_to_a_stranger_and_changes_nothing(
     attempts = 0
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
         async with http.post(
-            proxy.url + "/v1/chat/completions", json=chat(5, 0), headers=headers_for(OWNER)
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(5, 0),
+            headers=headers_for(OWNER),
         ) as response:
             done_id, done = response.headers["X-Resume-Session-Id"], await response.read()
         live_id, live = await start_live(http, proxy.url)
@@ -94,7 +95,7 @@ async def test_every_owned_path_answers_404_to_a_stranger_and_changes_nothing(
                     assert real == ghost  # the same bytes: existence is not revealed
                 repeat = {**headers_for(credential), "X-Resume-Session-Id": session_id}
                 async with http.post(
-                    proxy.url + "/v1/chat/completions", json=chat(5, 0), headers=repeat
+                    proxy.url + "/v1/chat/completions", json=mock_stream_body(5, 0), headers=repeat
                 ) as response:
                     assert response.status == 404
                     assert session_id not in (await response.text())
@@ -125,7 +126,9 @@ async def test_a_strangers_attempts_log_nothing_that_tells_a_real_id_from_a_ghos
 ) -> None:
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
         async with http.post(
-            proxy.url + "/v1/chat/completions", json=chat(5, 0), headers=headers_for(OWNER)
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(5, 0),
+            headers=headers_for(OWNER),
         ) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             await response.read()
@@ -147,7 +150,7 @@ async def test_metrics_carry_no_session_id_or_credential(config: Config) -> None
         for tokens in (3, 0):
             async with http.post(
                 proxy.url + "/v1/chat/completions",
-                json=chat(tokens, 0),
+                json=mock_stream_body(tokens, 0),
                 headers=headers_for(OWNER),
             ) as response:
                 ids.append(response.headers["X-Resume-Session-Id"])
@@ -177,7 +180,9 @@ async def test_admin_list_takes_exactly_its_token_compared_in_constant_time(
     monkeypatch.setattr(access.hmac, "compare_digest", spy)
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
         async with http.post(
-            proxy.url + "/v1/chat/completions", json=chat(3, 0), headers=headers_for(OWNER)
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(3, 0),
+            headers=headers_for(OWNER),
         ) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             await response.read()
@@ -196,7 +201,9 @@ async def test_without_an_admin_token_no_bearer_value_lists_everything(
 ) -> None:
     async with run_proxy(config_for()) as proxy, aiohttp.ClientSession() as http:
         async with http.post(
-            proxy.url + "/v1/chat/completions", json=chat(3, 0), headers=headers_for(OWNER)
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(3, 0),
+            headers=headers_for(OWNER),
         ) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             await response.read()

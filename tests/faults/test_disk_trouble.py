@@ -22,9 +22,8 @@ import pytest
 from proxy.config import Config
 from proxy.storage import log as log_module
 
-from ..helpers import ProxyProcess, event_ids, run_proxy
+from ..helpers import ProxyProcess, event_ids, mock_stream_body, run_proxy
 from .figures import record
-from .test_crash_loop import chat
 
 AUTH = {"Authorization": "Bearer sk-disk"}
 
@@ -70,12 +69,12 @@ async def test_unwritable_disk_fails_healthz_keeps_relaying_and_recovers(
 ) -> None:
     config = config_for()
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
-        before_id, before = await stream(http, proxy.url, chat(20, 0))
+        before_id, before = await stream(http, proxy.url, mock_stream_body(20, 0))
         assert (await health(http, proxy.url))[0] == 200
         with caplog.at_level(logging.ERROR, logger="proxy.storage"), monkeypatch.context() as m:
             m.setattr(log_module.osio, "write", refuse(code))
             m.setattr(log_module.osio, "open", refuse(code))
-            during_id, during = await stream(http, proxy.url, chat(50, 2))
+            during_id, during = await stream(http, proxy.url, mock_stream_body(50, 2))
             status, body = await health(http, proxy.url)
             assert (status, body["storage"]) == (503, "unwritable")
             assert await replay(http, proxy.url, before_id) == before
@@ -83,7 +82,7 @@ async def test_unwritable_disk_fails_healthz_keeps_relaying_and_recovers(
         errors = [r.getMessage() for r in caplog.records if r.name == "proxy.storage"]
         assert len(errors) == 1, errors  # once per episode, not once per write
         assert os.strerror(code) in errors[0] and str(config.storage.dir) in errors[0]
-        after_id, after = await stream(http, proxy.url, chat(5, 0))
+        after_id, after = await stream(http, proxy.url, mock_stream_body(5, 0))
         assert (await health(http, proxy.url))[0] == 200
         assert await replay(http, proxy.url, after_id) == after
         async with http.get(f"{proxy.url}/sessions/{during_id}", headers=AUTH) as response:
@@ -134,17 +133,17 @@ async def test_real_full_tmpfs_fails_healthz_keeps_relaying_and_recovers_when_fr
 ) -> None:
     config = config_for(**{"storage.dir": str(tmpfs / "data")})
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
-        before_id, before = await stream(http, proxy.url, chat(20, 0))
+        before_id, before = await stream(http, proxy.url, mock_stream_body(20, 0))
         filler = fill(tmpfs)
         with caplog.at_level(logging.ERROR, logger="proxy.storage"):
-            during_id, during = await stream(http, proxy.url, chat(200, 1))
+            during_id, during = await stream(http, proxy.url, mock_stream_body(200, 1))
             status, _ = await health(http, proxy.url)
             assert await replay(http, proxy.url, before_id) == before
         relayed_whole(during, 200)
         assert status == 503
         assert any("No space left on device" in r.getMessage() for r in caplog.records)
         filler.unlink()
-        after_id, after = await stream(http, proxy.url, chat(5, 0))
+        after_id, after = await stream(http, proxy.url, mock_stream_body(5, 0))
         assert (await health(http, proxy.url))[0] == 200
         assert await replay(http, proxy.url, after_id) == after
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:

@@ -16,16 +16,16 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ..helpers import ProxyProcess, event_ids
+from ..helpers import ProxyProcess, event_ids, mock_stream_body
 from .figures import SCALES, Scale, record
 from .raw_upstream import SSE_HEAD, RawUpstream, chunk, sse_event
-from .test_crash_loop import Stream, chat
+from .test_crash_loop import Stream
 
 AUTH = {"Authorization": "Bearer sk-shutdown"}
 CASES = {
     # grace, request body, how every client's stream must end
-    "within_grace": ("10s", chat(60, 20), b"data: [DONE]\n\n"),
-    "past_grace": ("500ms", chat(100_000, 10), b'"code":"interrupted"}}\n\n'),
+    "within_grace": ("10s", mock_stream_body(60, 20), b"data: [DONE]\n\n"),
+    "past_grace": ("500ms", mock_stream_body(100_000, 10), b'"code":"interrupted"}}\n\n'),
 }
 
 

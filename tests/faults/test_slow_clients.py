@@ -16,9 +16,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from ..helpers import ProxyProcess
+from ..helpers import ProxyProcess, mock_stream_body
 from .figures import SCALES, Scale, record
-from .test_crash_loop import chat
 
 AUTH = {"Authorization": "Bearer sk-slow"}
 SESSIONS = 4
@@ -142,7 +141,7 @@ async def test_slow_readers_keep_memory_bounded_and_slow_neither_upstream_nor_fa
     assert proxy.process is not None
     pid = proxy.process.pid
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
-        body = chat(*pace(scale.slow_readers))
+        body = mock_stream_body(*pace(scale.slow_readers))
         alone = await run_sessions(http, proxy, body, 0, pid)
         await asyncio.sleep(0.5)
         before = rss_kib(pid)
