@@ -22,25 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_log import make_batch, make_meta
 from procs import Server, start_redis
 
 from proxy.config import StorageConfig
-from proxy.storage.base import COMPLETE, SessionMeta
+from proxy.storage.base import COMPLETE
 from proxy.storage.redis import RedisStore
 
-EVENT_BYTES = 200
 READ_BYTES = 256 * 1024
-
-
-def make_meta(session_id: str) -> SessionMeta:
-    now = time.time_ns()
-    return SessionMeta(session_id, "POST", "/v1/chat/completions", "0" * 64, "", now, now, 200, ())
-
-
-def make_batch(per_batch: int) -> tuple[bytes, list[int]]:
-    event = b"id: 1\ndata: " + b"x" * (EVENT_BYTES - 14) + b"\n\n"
-    assert len(event) == EVENT_BYTES
-    return event * per_batch, [EVENT_BYTES * (i + 1) for i in range(per_batch)]
 
 
 async def opened(url: str) -> RedisStore:

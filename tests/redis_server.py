@@ -7,6 +7,7 @@ empty server up on the same port (what a Redis restart without persistence looks
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -20,7 +21,13 @@ REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
 
 def redis_available() -> bool:
-    return Path(REDIS_SERVER).exists()
+    """Whether redis-server is here. Under CI (`CI` set, where `.ci/run` installs it) a
+    missing one is an error, so these tests can never pass by skipping there."""
+    if Path(REDIS_SERVER).exists():
+        return True
+    if os.environ.get("CI"):
+        raise RuntimeError(f"CI must install redis-server ({REDIS_SERVER} is missing)")
+    return False
 
 
 @dataclass

@@ -306,11 +306,11 @@ def _stream_type(implementation: type, base: type) -> type:
     return type(f"Resuming{base.__name__}", (implementation, base), {})
 
 
-class ResumingTransport:
-    """A sync httpx/httpx2 transport that resumes broken resumable-proxy streams.
+class _Resuming:
+    """What both transports keep: the inner transport and the resume policy.
 
-    `inner` is the transport that does the I/O (default: the module's `HTTPTransport()`,
-    made on the first request). `max_retries` bounds consecutive failed resume attempts,
+    `inner` is the transport that does the I/O (default: the client module's own, made on the
+    first request). `max_retries` bounds consecutive failed resume attempts,
     `backoff`/`max_backoff` (seconds) shape the waits between them.
     """
 
@@ -325,6 +325,14 @@ class ResumingTransport:
     ) -> None:
         self._inner = inner
         self._policy = _Policy(max_retries, backoff, max_backoff, session_header)
+
+
+class ResumingTransport(_Resuming):
+    """A sync httpx/httpx2 transport that resumes broken resumable-proxy streams
+    (default inner: the module's `HTTPTransport()`)."""
+
+    def __init__(self, inner: Any = None, **policy: Any) -> None:
+        super().__init__(inner, **policy)
         self._lock = threading.Lock()
 
     def _inner_for(self, request: Any) -> Any:
@@ -359,20 +367,8 @@ class ResumingTransport:
         self.close()
 
 
-class AsyncResumingTransport:
+class AsyncResumingTransport(_Resuming):
     """The async twin of `ResumingTransport` (default inner: `AsyncHTTPTransport()`)."""
-
-    def __init__(
-        self,
-        inner: Any = None,
-        *,
-        max_retries: int = 5,
-        backoff: float = 0.1,
-        max_backoff: float = 2.0,
-        session_header: str = "X-Resume-Session-Id",
-    ) -> None:
-        self._inner = inner
-        self._policy = _Policy(max_retries, backoff, max_backoff, session_header)
 
     async def handle_async_request(self, request: Any) -> Any:
         # No lock: nothing awaits between the check and the assignment.
