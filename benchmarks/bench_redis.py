@@ -8,8 +8,17 @@ writers append one event per append and yield to the loop after each (one upstre
 loop turn), "20/batch" writers append 20 events per append. Appends/s counts events until a
 final `flush()` saw Redis acknowledge them all. Replay reads one finished session through a
 second store (another replica, so every read is an XRANGE, not the local tail) with 256 KiB
-reads, like a resuming client; live-tail reads from the owning replica's memory are not
-measured here.
+reads, like a resuming client.
+
+The paced rows are the hot path as a proxy sees it: 100 sessions each appending one event
+every 20 ms (5,000 events/s, as in run.py's latency workload), every session followed by one
+reader that does what `proxy.sessions.follow` does (read, else get, else wait). Readers are on
+the owning store ("local": served from its memory) or on a second store ("remote": another
+replica, woken by Redis). Each row gives the delay from `append` to the reader holding the
+event (p50/p99), this process's CPU per event (writers and readers together) and, with its
+own redis-server, that server's CPU per event and the Redis calls per event by kind. The
+same local row on the disk store (`fsync: interval`) is the baseline the Redis store is held
+to.
 """
 
 from __future__ import annotations
@@ -20,13 +29,17 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench_log import make_batch, make_meta
-from procs import Server, start_redis
+from procs import Server, cpu_seconds, start_redis
+from redis.asyncio import Redis
 
 from proxy.config import StorageConfig
-from proxy.storage.base import COMPLETE
+from proxy.storage.base import COMPLETE, STREAMING, SessionStore
+from proxy.storage.disk import DiskStore
 from proxy.storage.redis import RedisStore
 
 READ_BYTES = 256 * 1024
@@ -109,9 +122,153 @@ async def bench_remote_get(url: str, rounds: int) -> float:
     return elapsed / rounds * 1e6
 
 
-async def run(url: str, quick: bool) -> tuple[list[tuple[str, str]], dict[str, float]]:
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
+
+
+async def _command_calls(url: str) -> dict[str, int]:
+    client = Redis.from_url(url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    return {name[len("cmdstat_") :]: int(row["calls"]) for name, row in stats.items()}
+
+
+async def _follow(
+    store: SessionStore, session_id: str, sent: list[int], delays: list[float]
+) -> None:
+    """What `proxy.sessions.follow` asks of a store, without the HTTP around it."""
+    next_event = 1
+    while True:
+        _, count = await store.read(session_id, next_event, 256 * 1024)
+        if count:
+            now = time.perf_counter_ns()
+            delays.extend((now - sent[n]) / 1e6 for n in range(next_event, next_event + count))
+            next_event += count
+            continue
+        info = await store.get(session_id)
+        if info is None or (info.state != STREAMING and info.events < next_event):
+            return
+        if info.state != STREAMING:
+            continue
+        await store.wait(session_id, next_event - 1, 15.0)
+
+
+async def bench_paced(
+    open_writer: Callable[[], Any],
+    open_reader: Callable[[], Any] | None,
+    sessions: int,
+    seconds: float,
+    redis: tuple[str, int | None] | None,
+) -> dict[str, Any]:
+    """`sessions` streams at 50 events/s for `seconds`, one reader each (see the docstring)."""
+    writer_store: SessionStore = await open_writer()
+    reader_store: SessionStore = await open_reader() if open_reader else writer_store
+    data, ends = make_batch(1)
+    interval = 0.02
+    per_session = int(seconds / interval)
+    run = time.monotonic_ns()
+    delays: list[float] = []
+
+    async def stream(index: int) -> None:
+        session_id = f"paced-{run}-{index:04d}"
+        sent = [0] * (per_session + 1)
+        writer_store.create(make_meta(session_id))
+        await writer_store.flush()
+        reader = asyncio.create_task(_follow(reader_store, session_id, sent, delays))
+        loop = asyncio.get_running_loop()
+        start = loop.time() + interval * index / sessions  # out of phase, as real streams are
+        for n in range(1, per_session + 1):
+            await asyncio.sleep(max(0.0, start + n * interval - loop.time()))
+            sent[n] = time.perf_counter_ns()
+            writer_store.append(session_id, n, data, ends, time.time_ns())
+        writer_store.end(session_id, COMPLETE, "", time.time_ns())
+        await reader
+
+    calls_before = await _command_calls(redis[0]) if redis else {}
+    redis_cpu = cpu_seconds(redis[1]) if redis and redis[1] else None
+    cpu = time.process_time()
+    await asyncio.gather(*(stream(n) for n in range(sessions)))
+    cpu = time.process_time() - cpu
+    events = sessions * per_session
+    figures: dict[str, Any] = {
+        "events": len(delays),
+        "p50_ms": round(_percentile(delays, 0.5), 3),
+        "p99_ms": round(_percentile(delays, 0.99), 3),
+        "cpu_us_per_event": round(cpu / events * 1e6, 1),
+    }
+    if redis:
+        after = await _command_calls(redis[0])
+        per_event = {
+            name: round((calls - calls_before.get(name, 0)) / events, 2)
+            for name, calls in after.items()
+            if name not in ("info", "ping") and calls > calls_before.get(name, 0)
+        }
+        figures["redis_calls_per_event"] = per_event
+        if redis[1]:
+            assert redis_cpu is not None
+            figures["redis_cpu_us_per_event"] = round(
+                (cpu_seconds(redis[1]) - redis_cpu) / events * 1e6, 1
+            )
+    if reader_store is not writer_store:
+        await reader_store.close()
+    await writer_store.close()
+    return figures
+
+
+def _paced_row(label: str, figures: dict[str, Any]) -> tuple[str, str]:
+    text = (
+        f"p50 {figures['p50_ms']:.2f} ms, p99 {figures['p99_ms']:.2f} ms, "
+        f"{figures['cpu_us_per_event']:.0f} µs CPU/event"
+    )
+    if "redis_cpu_us_per_event" in figures:
+        text += f" (+ redis-server {figures['redis_cpu_us_per_event']:.0f} µs)"
+    if figures.get("redis_calls_per_event"):
+        calls = ", ".join(f"{k} {v:g}" for k, v in sorted(figures["redis_calls_per_event"].items()))
+        text += f"; calls/event: {calls}"
+    return label, text
+
+
+async def run_paced(
+    url: str, redis_pid: int | None, quick: bool
+) -> tuple[list[tuple[str, str]], dict[str, Any]]:
     rows: list[tuple[str, str]] = []
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    seconds = 2.0 if quick else 8.0
+    sessions = 100
+    directory = Path(tempfile.mkdtemp(prefix="bench-redis-disk-"))
+
+    async def disk() -> DiskStore:
+        store = DiskStore(StorageConfig(dir=directory))
+        await store.start()
+        return store
+
+    try:
+        figures = await bench_paced(disk, None, sessions, seconds, None)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    results["paced_disk_local"] = figures
+    rows.append(_paced_row(f"paced, {sessions} x 50 ev/s, disk store, local readers", figures))
+    for where in ("local", "remote"):
+        figures = await bench_paced(
+            lambda: opened(url),
+            (lambda: opened(url)) if where == "remote" else None,
+            sessions,
+            seconds,
+            (url, redis_pid),
+        )
+        results[f"paced_redis_{where}"] = figures
+        rows.append(
+            _paced_row(f"paced, {sessions} x 50 ev/s, redis store, {where} readers", figures)
+        )
+    return rows, results
+
+
+async def run(url: str, quick: bool) -> tuple[list[tuple[str, str]], dict[str, Any]]:
+    rows: list[tuple[str, str]] = []
+    results: dict[str, Any] = {}
     total = 40_000 if quick else 200_000
     for writers in (1, 100):
         for per_batch in (1, 20):
@@ -151,6 +308,11 @@ def main() -> None:
             server = start_redis(directory)
             url = f"redis://127.0.0.1:{server.port}/0"
         rows, results = asyncio.run(run(url, args.quick))
+        paced_rows, paced = asyncio.run(
+            run_paced(url, server.pid if server is not None else None, args.quick)
+        )
+        rows += paced_rows
+        results.update(paced)
     finally:
         if server is not None:
             server.stop()

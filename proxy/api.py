@@ -113,10 +113,14 @@ class Api:
             upstream_status=upstream.status,
             headers=tuple((k, v) for k, v in headers.items() if k.lower() in _REPLAY_HEADERS),
         )
-        if requested_id is not None and await self.store.get(requested_id) is not None:
-            # Another request with this id won the race while ours was upstream.
-            upstream.close()
-            raise SessionConflict(f"session {requested_id} was created by another request")
+        if requested_id is not None:
+            try:
+                # Another request (here, on another replica or worker) may have created this
+                # id while ours was upstream: the store lets exactly one of them have it.
+                await self.store.claim(meta)
+            except BaseException:
+                upstream.close()
+                raise
         self.manager.start(meta, upstream)
         response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)

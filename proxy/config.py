@@ -55,6 +55,7 @@ class ServerConfig:
     demo: bool | None = None  # None: on exactly when the upstream is the built-in mock
     log_level: str = "info"
     log_format: str = "text"
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT); > 1 needs the Redis store
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +94,8 @@ class StorageConfig:
     fsync_interval_ms: int = 100
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     redis_url: str | None = None
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
+    redis_wait_replicas: int = 0  # replicas that must have a write before clients see it
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,6 +271,7 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "demo": _as_optional_bool,
         "log_level": _one_of("debug", "info", "warning", "error"),
         "log_format": _one_of("text", "json"),
+        "workers": _in_range(_as_int, 1, 256),
     },
     "upstream": {
         "url": _upstream_url,
@@ -290,6 +294,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "fsync_interval_ms": _in_range(_as_int, 1, 60_000),
         "retention": {},  # a nested section, handled below
         "redis_url": _as_optional_str,
+        "redis_cluster": _as_bool,
+        "redis_wait_replicas": _in_range(_as_int, 0, 16),
     },
     "admin": {"token": _as_optional_str},
     "mock": {
@@ -450,4 +456,12 @@ def _cross_checks(config: Config) -> list[str]:
             f"config: storage.redis_url: expected redis:// or rediss://, got "
             f"{config.storage.redis_url!r}"
         )
+    if config.server.workers > 1 and config.storage.backend != "redis":
+        problems.append(
+            f"config: server.workers: {config.server.workers} workers need storage.backend "
+            "redis (the disk log belongs to one process, so workers could not resume each "
+            "other's sessions)"
+        )
+    if config.server.workers > 1 and config.server.port == 0:
+        problems.append("config: server.workers: several workers need a fixed server.port, not 0")
     return problems

@@ -74,6 +74,14 @@ class SessionStore(Protocol):
     async def close(self) -> None:
         """Write and sync everything appended, release files, locks and connections."""
 
+    async def claim(self, meta: SessionMeta) -> None:
+        """Reserve a client-chosen id before `create(meta)`, atomically for every process
+        sharing the store: SessionConflict when another session has it (or just took it).
+
+        Ids the proxy makes are 128 random bits and skip this; a client's own id may reach
+        two replicas (or workers) at once, and exactly one of them may create it.
+        """
+
     def create(self, meta: SessionMeta) -> SessionInfo:
         """Log a new session (state streaming). The id must not exist."""
 

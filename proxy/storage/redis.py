@@ -1,31 +1,52 @@
-"""`RedisStore`: sessions in Redis Streams, so every replica behind a load balancer can resume
-(and follow live) any session, whichever replica reads its upstream.
+"""`RedisStore`: sessions in Redis Streams, so every replica behind a load balancer (and every
+worker of `server.workers`) can resume and follow live any session, whichever process reads
+its upstream. One Redis, or a Redis Cluster (`storage.redis_cluster: true`).
 
-Keys (all of one session share the hash tag `{id}`, so a Redis Cluster keeps them together):
+Keys. Everything of one session carries the hash tag `{id}`, so on a Cluster it lives in one
+slot and every script touches one slot:
 
 - `rp:{id}:events` is a Stream with one entry per logged batch (one upstream read). The entry
   id is `<number of the batch's last event>-0`, so `XRANGE key n +` returns first the batch
   that holds event n: reading from any event is one command, and Redis itself rejects a
-  batch that is out of order or repeated. Fields: `d` the batch bytes, `e` the end offset of
-  each event (uint32 array), `b` the session's byte count after it, `t` its arrival time.
-  When the session ends, an entry `<events>-1` (no `d`) marks the end; a reader blocked in
-  `XREAD` on another replica wakes for it exactly as for new events.
+  batch that is out of order or repeated (which makes every write safe to retry). Fields:
+  `d` the batch bytes, `e` the end offset of each event (uint32 array), `b` the session's
+  byte count after it, `t` its arrival time. When the session ends, an entry `<events>-1`
+  (no `d`) marks the end; a reader blocked in `XREAD` on another process wakes for it
+  exactly as for new events.
 - `rp:{id}:meta` is a hash written at create and at end: `meta` (the SessionMeta as JSON),
-  `state`, `reason`, `owner` (the replica reading the upstream), `events`, `bytes`, ... While
-  a session streams its event count comes from the stream's last entry, so an append costs
-  one `XADD` and nothing else.
-- `rp:sessions` (sorted set, id -> created_ns) lists sessions; `rp:owned:<replica>` holds the
-  sessions a replica streams; `rp:hb:<replica>` is its heartbeat (a key with a short TTL);
-  `rp:replicas` names every replica that heartbeats; `rp:ctl:<replica>` is the pub/sub
-  channel where stop requests for its sessions (and answers to its own requests) arrive.
+  `state`, `reason`, `owner` (the process reading the upstream), `events`, `bytes`, ...
+  While a session streams its event count comes from the stream's last entry, so an append
+  costs one `XADD` and nothing else. The create script refuses an id whose hash holds other
+  metadata: that is how two processes choosing the same client id at once are arbitrated.
 
-Timing: appends are queued and one pipeline per loop turn writes them (group commit); local
-readers are woken when Redis has acknowledged it, and read the newest events from a small
-in-memory tail instead of asking Redis again. If Redis is lost, the tail keeps live local
-readers going, the sessions it could not write end `failed` in Redis once it is back, and
-`healthy` is False in between. A replica that stops heartbeating has its streaming sessions
-marked `interrupted` by whichever replica notices first: on access, or in the sweep every
-replica runs once per heartbeat.
+Keys that are not one session's are each one key, read and written by single-key commands
+only (never inside a script with a session's keys), so they work on a Cluster wherever they
+hash: `rp:sessions` (sorted set, id -> created_ns) lists sessions; `rp:replicas` names every
+process that heartbeats; `rp:hb:<replica>` is its heartbeat (a key with a short TTL);
+`rp:owned:<replica>` holds the sessions it streams; `rp:ctl:<replica>` is a Stream where
+stop requests for its sessions, and answers to its own requests, arrive (a Stream rather
+than pub/sub: it behaves the same on one Redis and on a Cluster, and a message sent while
+the reader reconnects after a failover waits for it).
+
+Writing. Appends are queued and written once per loop turn (group commit), one pipeline per
+Redis primary on a connection of its own: every batch of every session on that primary goes
+in one `EVAL` argument, so a turn costs one round trip per primary, not one per event.
+With `storage.redis_wait_replicas: N` the pipeline ends with `WAIT N`, so what a client is
+shown is on N replicas too and survives the loss of the primary. Local readers are woken when
+Redis has acknowledged a batch and read it from a small in-memory tail, never from Redis.
+
+Following from another process: one `XREAD BLOCK` per session and wake-up, shared by all of
+that process's readers of the session, returns the new entries themselves; they are kept in
+a tail like the owner's, so the readers take them from memory, and the session's state is
+known from them (an end marker) without asking Redis again.
+
+Failures. On one Redis, a write Redis refuses or misses makes the session `failed` (in Redis,
+once it is back) while local readers go on from memory, and `healthy` is False in between.
+On a Cluster, a write that fails because a primary is failing over is retried, with the
+topology read again, for up to FAILOVER_WINDOW seconds (local readers wait meanwhile) before
+that. A process that stops heartbeating has its streaming sessions marked `interrupted` by
+whichever process notices first: on access, or in the sweep every process runs once per
+heartbeat.
 """
 
 from __future__ import annotations
@@ -43,16 +64,17 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from itertools import takewhile
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline, PubSub
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError, ResponseError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from redis.retry import Retry
 
 from ..config import StorageConfig
@@ -70,24 +92,31 @@ log = logging.getLogger("proxy.storage.redis")
 
 TAIL_BYTES = 64 * 1024  # per live session: what local readers get without asking Redis
 ARRIVAL_PAGE = 1024  # batches per XRANGE when collecting arrival times
+FOLLOW_COUNT = 256  # entries per XREAD of a follower
 LOST_KEEP = 60.0  # seconds an ended session Redis missed stays readable from memory
 LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no key lives forever
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
+CONTROL_EXPIRY_MS = 60_000  # a control stream outlives its reader by this much
+FAILOVER_WINDOW = 30.0  # Cluster: how long a write is retried while a primary fails over
+WAIT_TIMEOUT_MS = 100  # WAIT's bound when a primary has fewer replicas than asked for
+REMOTE_IDLE = 30.0  # a followed session nobody waited on for this long leaves memory
 INDEX = "rp:sessions"
 REPLICAS = "rp:replicas"
 _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
+_LOST_ID = "another process created session {id} first"
 
 # Scripts go by EVAL, not EVALSHA: Redis caches them by digest anyway, and a restarted Redis
-# (which forgot every loaded script) needs no NOSCRIPT dance. They name stream keys from their
-# arguments, so they suit one Redis (with replicas), not a Cluster.
+# (which forgot every loaded script) needs no NOSCRIPT dance.
 
-# Every batch of one flush, packed by `_write` into one argument (a uint32 header of six
-# lengths, then the stream key, entry id, ends, data, byte count and arrival time): one
-# command per flush instead of one XADD per batch, because redis-py spends far more time
-# packing and parsing a command than Redis spends running it. A batch Redis already has
-# (a repeat after a retried write) fails its XADD, which is what the entry ids are for.
+# Every batch of one flush for one primary, packed by `_write` into one argument (a uint32
+# header of six lengths, then the stream key, entry id, ends, data, byte count and arrival
+# time): one command per flush instead of one XADD per batch, because redis-py spends far
+# more time packing and parsing a command than Redis spends running it. The keys are not
+# declared (a declared key list would have to share one slot); the script runs on the primary
+# that serves all of them, which an old-style (no shebang) script may do on a Cluster too. A
+# batch Redis already has (a retried write) fails its XADD, which is what the entry ids are for.
 _BATCH_HEAD = struct.Struct("<6I")
 _APPEND = """
 local blob = ARGV[1]
@@ -104,8 +133,36 @@ while pos <= #blob do
   if type(reply) == 'table' and reply.err and not string.find(reply.err, 'equal or smaller') then
     return reply
   end
+  if ARGV[2] ~= '' and tonumber(string.match(id, '^%d+')) == #e / 4 then
+    redis.call('PEXPIRE', key, ARGV[2])
+  end
 end
 return 0
+"""
+
+# A new session's hash, unless the id is another session's (1 written, 0 refused). The same
+# metadata again is this process's own create repeated (a claim, then the create), not a
+# conflict.
+_CREATE = """
+local existing = redis.call('HGET', KEYS[1], 'meta')
+if existing and existing ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'meta', ARGV[1], 'state', 'streaming', 'owner', ARGV[2],
+  'events', 0, 'bytes', 0, 'updated_ns', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+return 1
+"""
+
+# The final state and the end marker; repeating it (a retried write) changes nothing.
+_END = """
+redis.call('HSET', KEYS[1], 'state', ARGV[1], 'reason', ARGV[2], 'events', ARGV[3],
+  'bytes', ARGV[4], 'updated_ns', ARGV[5], 'first_event_ns', ARGV[6])
+local reply = redis.pcall('XADD', KEYS[2], ARGV[3] .. '-1', 'b', ARGV[4], 't', ARGV[5])
+if type(reply) == 'table' and reply.err and not string.find(reply.err, 'equal or smaller') then
+  return reply
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[7])
+redis.call('PEXPIRE', KEYS[2], ARGV[7])
+return 1
 """
 
 # Events ARGV[1].. of a stream, cut server-side to whole events within ARGV[2] bytes (at least
@@ -148,17 +205,12 @@ while true do
 end
 """
 
-# Ends a session whose owner stopped heartbeating, if nothing changed since we looked:
-# still streaming, same owner, heartbeat still gone. The event count is the stream's,
-# so events written just before the owner died are counted even if its metadata lags.
+# Ends a session whose owner stopped heartbeating (the caller saw its heartbeat gone), if
+# nothing changed since: still streaming, same owner. The event count is the stream's, so
+# events written just before the owner died are counted even if its metadata lags.
 _INTERRUPT = """
-if redis.call('HGET', KEYS[1], 'state') ~= 'streaming' then
-  redis.call('SREM', KEYS[4], ARGV[1])
-  return 0
-end
-if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] or redis.call('EXISTS', KEYS[3]) == 1 then
-  return 0
-end
+if redis.call('HGET', KEYS[1], 'state') ~= 'streaming' then return 0 end
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 local events, bytes = '0', '0'
 local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then
@@ -168,12 +220,11 @@ if #last > 0 then
     if fields[i] == 'b' then bytes = fields[i + 1] end
   end
 end
-redis.call('HSET', KEYS[1], 'state', 'interrupted', 'reason', ARGV[3], 'events', events,
-  'bytes', bytes, 'updated_ns', ARGV[4])
-redis.call('XADD', KEYS[2], events .. '-1', 'b', bytes, 't', ARGV[4])
-redis.call('SREM', KEYS[4], ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[1], 'state', 'interrupted', 'reason', ARGV[2], 'events', events,
+  'bytes', bytes, 'updated_ns', ARGV[3])
+redis.call('XADD', KEYS[2], events .. '-1', 'b', bytes, 't', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[4])
 return 1
 """
 
@@ -194,7 +245,7 @@ def _owned_key(replica: str) -> str:
     return f"rp:owned:{replica}"
 
 
-def _control_channel(replica: str) -> str:
+def _control_key(replica: str) -> str:
     return f"rp:ctl:{replica}"
 
 
@@ -231,16 +282,39 @@ def _ends_bytes(ends: Sequence[int]) -> bytes:
     return packed.tobytes()
 
 
+def _ends_from(raw: bytes) -> array[int]:
+    ends = array(_ENDS)
+    ends.frombytes(raw)
+    if sys.byteorder == "big":
+        ends.byteswap()
+    return ends
+
+
+Batch = tuple[int, bytes, Sequence[int]]  # first event, the events' bytes, their end offsets
+
+
 def take_events(
-    batches: Iterable[tuple[int, bytes, Sequence[int]]], start_event: int, max_bytes: int
+    batches: Sequence[Batch], start_event: int, max_bytes: int, last_event: int | None = None
 ) -> tuple[bytes, int]:
-    """Events start_event.. from consecutive batches (first_event, data, ends): at least one
-    whole event if there is one, then whole events up to max_bytes."""
+    """Events start_event.. (up to last_event) from consecutive batches: at least one whole
+    event if there is one, then whole events up to max_bytes.
+
+    The batch holding start_event is looked for from the newest end: a live reader asks for
+    the newest events, so that is one step, however long the tail.
+    """
+    index = len(batches)
+    while index > 0 and batches[index - 1][0] > start_event:
+        index -= 1
+    if index == 0:
+        return b"", 0
     parts: list[bytes] = []
     total = 0
     count = 0
     expected = start_event
-    for first, data, ends in batches:
+    for position in range(index - 1, len(batches)):
+        first, data, ends = batches[position]
+        if last_event is not None and first > last_event:
+            break  # not readable yet
         last = first + len(ends) - 1
         if last < expected:
             continue
@@ -289,12 +363,21 @@ def _info_from(fields: dict[bytes, bytes], last: list[Any]) -> SessionInfo | Non
     return info
 
 
+def _add_batch(tail: deque[Batch], size: int, batch: Batch) -> int:
+    """Append to a tail and keep about TAIL_BYTES of it (always the newest batch)."""
+    tail.append(batch)
+    size += len(batch[1])
+    while len(tail) > 1 and size > TAIL_BYTES:
+        size -= len(tail.popleft()[1])
+    return size
+
+
 @dataclass(slots=True, eq=False)
 class _Live:
-    """A session whose upstream this replica reads: its local view and recent batches."""
+    """A session whose upstream this process reads: its local view and recent batches."""
 
     info: SessionInfo
-    batches: deque[tuple[int, bytes, Sequence[int]]] = field(default_factory=deque)
+    batches: deque[Batch] = field(default_factory=deque)
     tail_bytes: int = 0
     stored_events: int = 0  # acknowledged by Redis
     stored_bytes: int = 0
@@ -303,12 +386,13 @@ class _Live:
     lost: str | None = None  # why Redis stopped receiving this session's writes
     settled: bool = False  # its `failed` end is in Redis
     deleted: bool = False
-    waiter: asyncio.Future[None] | None = None
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def wake(self) -> None:
-        waiter, self.waiter = self.waiter, None
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def trim(self) -> None:
         """Keep about TAIL_BYTES of readable batches, and always the newest."""
@@ -319,6 +403,35 @@ class _Live:
                 break
             self.batches.popleft()
             self.tail_bytes -= len(data)
+
+
+@dataclass(slots=True, eq=False)
+class _Followed:
+    """A session another process streams and readers here follow: what the last XREAD
+    brought, so those readers take it from memory and one XREAD serves them all."""
+
+    info: SessionInfo
+    fetched: float  # monotonic time `info` was read from Redis in full
+    cursor: bytes  # id of the newest stream entry seen
+    batches: deque[Batch] = field(default_factory=deque)
+    tail_bytes: int = 0
+    ended: bool = False  # an end marker came: the final state must be read from Redis
+    reading: asyncio.Task[None] | None = None
+    used: float = 0.0
+
+
+@dataclass(slots=True)
+class _Unit:
+    """What one flush writes to one Redis primary (or, `node` None, through the client that
+    routes by key: the index and owner sets)."""
+
+    node: str | None
+    creates: list[_Live] = field(default_factory=list)
+    batches: list[tuple[_Live, int, bytes, Sequence[int], int]] = field(default_factory=list)
+    ends: list[tuple[_Live, str, str, int]] = field(default_factory=list)
+
+
+Client = Redis | RedisCluster
 
 
 class RedisStore:
@@ -335,17 +448,20 @@ class RedisStore:
         if not config.redis_url:
             raise StorageError("storage.redis_url is required for storage.backend redis")
         self._url = config.redis_url
+        self._cluster = config.redis_cluster
+        self._wait_replicas = config.redis_wait_replicas
         self._ttl_ms = max(1, int(config.retention.ttl * 1000))
         self._live_expiry_ms = int((config.retention.ttl + LIVE_EXPIRY) * 1000)
         self._heartbeat_interval = heartbeat_interval
         self._heartbeat_ttl_ms = max(1, int(heartbeat_ttl * 1000))
         self._socket_timeout = socket_timeout
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-        self._redis: Redis | None = None
-        self._blocking: Redis | None = None  # XREAD BLOCK and pub/sub: no socket timeout
-        self._pubsub: PubSub | None = None
+        self._redis: Client | None = None
+        self._blocking: Client | None = None  # XREAD BLOCK: no socket timeout
+        self._writers: dict[str, Redis] = {}  # primary name -> its own write connection
         self._healthy = False
         self._live: dict[str, _Live] = {}
+        self._followed: dict[str, _Followed] = {}
         self._creates: list[_Live] = []
         self._batches: list[tuple[_Live, int, bytes, Sequence[int], int]] = []
         self._ends: list[tuple[_Live, str, str, int]] = []
@@ -357,35 +473,41 @@ class RedisStore:
         self._stop_handler: StopHandler | None = None
         self._acks: dict[str, asyncio.Future[bool]] = {}
         self._alive_until: dict[str, float] = {}  # replica -> monotonic time its beat was seen
+        self._short_of_replicas: set[str] = set()  # primaries whose WAIT came back short
 
     @property
     def healthy(self) -> bool:
         return self._healthy
 
-    def _client(self) -> Redis:
+    def _client(self) -> Client:
         if self._redis is None:
             raise StorageError("the redis store is not started")
         return self._redis
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2)
+    def _connect(self, socket_timeout: float | None, url: str | None = None) -> Any:
         common: dict[str, Any] = {
             "socket_connect_timeout": self._socket_timeout,
-            "retry": retry,
-            "health_check_interval": 10,
+            "socket_timeout": socket_timeout,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+            "client_name": f"rp:{self.replica_id}",
         }
-        self._redis = Redis.from_url(self._url, socket_timeout=self._socket_timeout, **common)
-        self._blocking = Redis.from_url(self._url, socket_timeout=None, **common)
+        if self._cluster and url is None:
+            return RedisCluster.from_url(self._url, **common)
+        return Redis.from_url(url or self._url, health_check_interval=10, **common)
+
+    async def start(self) -> None:
+        self._redis = self._connect(self._socket_timeout)
+        self._blocking = self._connect(None)
         try:
             async with asyncio.timeout(self._socket_timeout * 3):
-                await self._redis.ping()
+                await self._check_mode()
+                await self._refresh_writers()
                 await self._beat()
-                await self._subscribe()
                 self._healthy = True
                 await self._sweep()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             await self._close_clients()
             self._healthy = False
             reason = str(exc) or type(exc).__name__
@@ -394,7 +516,20 @@ class RedisStore:
             asyncio.create_task(self._heartbeat_loop(), name="redis-heartbeat"),
             asyncio.create_task(self._control_loop(), name="redis-control"),
         ]
-        log.info("redis store at %s, replica %s", _redacted(self._url), self.replica_id)
+        kind = "redis cluster" if self._cluster else "redis"
+        log.info("%s store at %s, replica %s", kind, _redacted(self._url), self.replica_id)
+
+    async def _check_mode(self) -> None:
+        """One clear line when `storage.redis_cluster` does not match what the URL names."""
+        client = self._client()
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            return
+        info = await client.info("cluster")
+        if info.get("cluster_enabled"):
+            raise StorageError(
+                f"{_redacted(self._url)} is a Redis Cluster node: set storage.redis_cluster: true"
+            )
 
     async def close(self) -> None:
         await self.flush()
@@ -402,40 +537,84 @@ class RedisStore:
         # watch `_closing`; the wait is bounded either way.
         self._closing = True
         tasks = [*self._tasks, *self._serving]
+        tasks += [f.reading for f in self._followed.values() if f.reading is not None]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=self._socket_timeout + self._heartbeat_interval)
         self._tasks = []
         if self._redis is not None and self._healthy:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
                 pipe = self._redis.pipeline(transaction=False)
                 pipe.delete(_heartbeat_key(self.replica_id))
                 pipe.srem(REPLICAS, self.replica_id)
+                pipe.delete(_control_key(self.replica_id))
                 await pipe.execute()
         await self._close_clients()
         self._healthy = False
 
-    async def _subscribe(self) -> None:
-        assert self._blocking is not None
-        self._pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
-        await self._pubsub.subscribe(_control_channel(self.replica_id))
-
-    async def _unsubscribe(self) -> None:
-        pubsub, self._pubsub = self._pubsub, None
-        if pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
-                await pubsub.aclose()
-
     async def _close_clients(self) -> None:
-        await self._unsubscribe()
-        for client in (self._redis, self._blocking):
+        clients: list[Any] = [self._redis, self._blocking, *self._writers.values()]
+        for client in clients:
             if client is not None:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
                     await client.aclose()
         self._redis = self._blocking = None
+        self._writers = {}
+
+    # --- routing: which primary gets a key's writes ----------------------------------------
+
+    def _primary_of(self, key: str) -> str:
+        """The name of the primary serving `key` ("" on one Redis)."""
+        client = self._client()
+        if not isinstance(client, RedisCluster):
+            return ""
+        return str(client.nodes_manager.get_node_from_slot(key_slot(key.encode())).name)
+
+    async def _refresh_writers(self, reread: bool = False) -> None:
+        """A write connection per primary; after a failover, read the topology again."""
+        client = self._client()
+        if not isinstance(client, RedisCluster):
+            if "" not in self._writers:
+                self._writers[""] = self._connect(self._socket_timeout, self._url)
+            return
+        if reread:
+            await client.nodes_manager.initialize()
+        primaries = {node.name: node for node in client.get_primaries()}
+        for name in [name for name in self._writers if name not in primaries]:
+            with contextlib.suppress(RedisError, OSError):
+                await self._writers.pop(name).aclose()
+        for name, node in primaries.items():
+            if name not in self._writers:
+                url = urlsplit(self._url)
+                netloc = f"{node.host}:{node.port}"
+                if url.password is not None or url.username:
+                    netloc = f"{url.username or ''}:{url.password or ''}@{netloc}"
+                self._writers[name] = self._connect(
+                    self._socket_timeout, urlunsplit(url._replace(netloc=netloc, path=""))
+                )
 
     # --- writing ---------------------------------------------------------------------------
+
+    async def claim(self, meta: SessionMeta) -> None:
+        """Make a client-chosen id this process's at once, atomically in Redis: of two
+        processes creating one id, the second gets SessionConflict (409)."""
+        session_id = meta.session_id
+        if session_id in self._live:
+            raise SessionConflict(f"session {session_id} already exists")
+        created = await self._call(
+            self._client().eval(
+                _CREATE,
+                1,
+                _meta_key(session_id),
+                _encode_meta(meta),
+                self.replica_id,
+                meta.created_ns,
+                self._live_expiry_ms,
+            )
+        )
+        if not created:
+            raise SessionConflict(f"session {session_id} was created by another request")
 
     def create(self, meta: SessionMeta) -> SessionInfo:
         session_id = meta.session_id
@@ -443,6 +622,7 @@ class RedisStore:
             raise SessionConflict(f"session {session_id} already exists")
         info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
         live = self._live[session_id] = _Live(info)
+        self._followed.pop(session_id, None)
         self._creates.append(live)
         self._schedule()
         return info
@@ -497,29 +677,95 @@ class RedisStore:
             while self._creates or self._batches or self._ends:
                 creates, batches, ends = self._creates, self._batches, self._ends
                 self._creates, self._batches, self._ends = [], [], []
-                error = await self._write(creates, batches, ends)
-                self._apply(creates, batches, ends, error)
+                await self._flush_once(creates, batches, ends)
         finally:
             self._flusher = None
 
-    async def _write(
+    async def _flush_once(
         self,
         creates: list[_Live],
         batches: list[tuple[_Live, int, bytes, Sequence[int], int]],
         ends: list[tuple[_Live, str, str, int]],
-    ) -> str | None:
-        """One pipeline for everything queued; the error that kept it out of Redis, if any."""
-        if not self._healthy:
-            return "unreachable"
-        pipe = self._client().pipeline(transaction=False)
-        owned = _owned_key(self.replica_id)
+    ) -> None:
+        """Write one flush, a unit per primary in parallel, and make each unit readable as
+        soon as its primary acknowledged it. On a Cluster a unit whose primary fails (over)
+        is routed again and retried until FAILOVER_WINDOW has passed."""
+        units = self._route(creates, batches, ends)
+        deadline = time.monotonic() + FAILOVER_WINDOW
+        backoff = 0.05
+        while units:
+            errors = await asyncio.gather(*(self._write(unit) for unit in units))
+            failed: list[_Unit] = []
+            for unit, error in zip(units, errors, strict=True):
+                if error is None or not self._may_retry(deadline):
+                    self._apply(unit, error)
+                else:
+                    failed.append(unit)
+            if not failed:
+                return
+            await asyncio.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
+            with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                await self._refresh_writers(reread=True)
+            units = self._route(
+                [live for unit in failed for live in unit.creates],
+                [batch for unit in failed for batch in unit.batches],
+                [end for unit in failed for end in unit.ends],
+                side=any(unit.node is None for unit in failed),
+            )
+
+    def _may_retry(self, deadline: float) -> bool:
+        """On a Cluster any failed write may be a failover (a primary down, a slot moved, the
+        cluster briefly down): worth another try on the topology read again."""
+        return self._cluster and not self._closing and time.monotonic() < deadline
+
+    def _route(
+        self,
+        creates: list[_Live],
+        batches: list[tuple[_Live, int, bytes, Sequence[int], int]],
+        ends: list[tuple[_Live, str, str, int]],
+        side: bool = True,
+    ) -> list[_Unit]:
+        """Group a flush by the primary that serves each session (one unit on one Redis);
+        plus, when `side`, the unit of index and owner-set updates."""
+        units: dict[str | None, _Unit] = {}
+
+        def unit_of(live: _Live) -> _Unit:
+            try:
+                node = self._primary_of(_events_key(live.info.session_id))
+            except RedisClusterException:
+                node = "?"  # slot not covered now: fails and is retried
+            unit = units.get(node)
+            if unit is None:
+                unit = units[node] = _Unit(node)
+            return unit
+
         for live in creates:
+            unit_of(live).creates.append(live)
+        for batch in batches:
+            unit_of(batch[0]).batches.append(batch)
+        for end in ends:
+            unit_of(end[0]).ends.append(end)
+        if side and (creates or ends):
+            units[None] = _Unit(None, creates=list(creates), ends=list(ends))
+        return list(units.values())
+
+    async def _write(self, unit: _Unit) -> str | None:
+        """One pipeline for the unit; the error that kept it out of Redis, if any."""
+        if not self._healthy and not self._cluster:
+            return "unreachable"
+        if unit.node is None:
+            return await self._write_side(unit)
+        writer = self._writers.get(unit.node)
+        if writer is None:
+            return f"no connection to primary {unit.node}"
+        pipe = writer.pipeline(transaction=False)
+        for live in unit.creates:
             if live.lost is None:
-                self._queue_create(pipe, live, owned)
-        byte_counts: dict[_Live, int] = {}
+                self._queue_create(pipe, live)
         packed: list[bytes] = []
-        started: list[str] = []
-        for live, first, data, event_ends, arrival in batches:
+        byte_counts: dict[_Live, int] = {}
+        for live, first, data, event_ends, arrival in unit.batches:
             if live.lost is not None or live.deleted:
                 continue
             total = byte_counts.get(live, live.stored_bytes) + len(data)
@@ -530,89 +776,115 @@ class RedisStore:
             size, stamp = b"%d" % total, b"%d" % arrival
             lengths = (len(key), len(entry_id), len(offsets), len(data), len(size), len(stamp))
             packed += (_BATCH_HEAD.pack(*lengths), key, entry_id, offsets, data, size, stamp)
-            if first == 1:
-                started.append(key.decode())
         if packed:
-            pipe.eval(_APPEND, 0, b"".join(packed))
-        for key in started:
-            pipe.pexpire(key, self._live_expiry_ms)
-        for live, state, reason, ended_ns in ends:
+            pipe.eval(_APPEND, 0, b"".join(packed), self._live_expiry_ms)
+        for live, state, reason, ended_ns in unit.ends:
             if live.lost is None and not live.deleted:
-                self._queue_end(pipe, live, state, reason, ended_ns, owned)
+                self._queue_end(pipe, live, state, reason, ended_ns)
         if not len(pipe):
             return None
+        if self._wait_replicas:
+            pipe.execute_command("WAIT", self._wait_replicas, WAIT_TIMEOUT_MS)
         try:
             results = await pipe.execute(raise_on_error=False)
         except (RedisError, OSError) as exc:
-            self._set_unhealthy(exc)
+            self._set_unhealthy(unit.node, exc)
             return str(exc) or type(exc).__name__
         refused = [result for result in results if isinstance(result, ResponseError)]
         if refused:
             log.error("redis refused a write: %s", refused[0])
             return f"redis refused a write: {refused[0]}"
+        if self._wait_replicas:
+            self._note_replicas(unit.node, int(results[-1]))
+        self._note_conflicts(unit, results)
         return None
 
-    def _queue_create(self, pipe: Pipeline, live: _Live, owned: str) -> None:
+    def _queue_create(self, pipe: Pipeline, live: _Live) -> None:
         meta = live.info.meta
-        key = _meta_key(meta.session_id)
-        pipe.hset(
-            key,
-            mapping={
-                "meta": _encode_meta(meta),
-                "state": STREAMING,
-                "owner": self.replica_id,
-                "events": 0,
-                "bytes": 0,
-                "updated_ns": meta.created_ns,
-            },
+        pipe.eval(
+            _CREATE,
+            1,
+            _meta_key(meta.session_id),
+            _encode_meta(meta),
+            self.replica_id,
+            meta.created_ns,
+            self._live_expiry_ms,
         )
-        pipe.pexpire(key, self._live_expiry_ms)
-        pipe.zadd(INDEX, {meta.session_id: meta.created_ns})
-        pipe.sadd(owned, meta.session_id)
+
+    def _note_conflicts(self, unit: _Unit, results: list[Any]) -> None:
+        """A create the script refused: the id is another process's session."""
+        creates = [live for live in unit.creates if live.lost is None]
+        for live, created in zip(creates, results, strict=False):
+            if not created:
+                self._lose(live, _LOST_ID.format(id=live.info.session_id))
+                live.settled = True  # the other session's keys are not ours to fail
+
+    def _note_replicas(self, node: str, acked: int) -> None:
+        if acked >= self._wait_replicas:
+            self._short_of_replicas.discard(node)
+        elif node not in self._short_of_replicas:
+            self._short_of_replicas.add(node)
+            log.warning(
+                "redis primary %s: writes reached %d of %d replicas (storage.redis_wait_replicas)",
+                node or _redacted(self._url),
+                acked,
+                self._wait_replicas,
+            )
+
+    async def _write_side(self, unit: _Unit) -> str | None:
+        """The session index and the owner set: single-key commands, routed by key."""
+        pipe = self._client().pipeline(transaction=False)
+        owned = _owned_key(self.replica_id)
+        for live in unit.creates:
+            if live.lost is None:
+                meta = live.info.meta
+                pipe.zadd(INDEX, {meta.session_id: meta.created_ns}, nx=True)
+                pipe.sadd(owned, meta.session_id)
+        for live, _, _, _ in unit.ends:
+            if live.lost is None and not live.deleted:
+                pipe.srem(owned, live.info.session_id)
+        if not len(pipe):
+            return None
+        try:
+            await pipe.execute()
+        except (RedisError, RedisClusterException, OSError) as exc:
+            return str(exc) or type(exc).__name__
+        return None
 
     def _queue_end(
-        self,
-        pipe: Pipeline,
-        live: _Live,
-        state: str,
-        reason: str,
-        ended_ns: int,
-        owned: str,
+        self, pipe: Pipeline, live: _Live, state: str, reason: str, ended_ns: int
     ) -> None:
         session_id = live.info.session_id
-        events = live.queued_events
-        meta_key, events_key = _meta_key(session_id), _events_key(session_id)
         first_ns = live.info.first_event_ns
-        pipe.hset(
-            meta_key,
-            mapping={
-                "state": state,
-                "reason": reason,
-                "events": events,
-                "bytes": live.queued_bytes,
-                "updated_ns": ended_ns,
-                "first_event_ns": first_ns if first_ns is not None else "",
-            },
+        pipe.eval(
+            _END,
+            2,
+            _meta_key(session_id),
+            _events_key(session_id),
+            state,
+            reason,
+            live.queued_events,
+            live.queued_bytes,
+            ended_ns,
+            first_ns if first_ns is not None else "",
+            self._ttl_ms,
         )
-        pipe.xadd(events_key, {"b": live.queued_bytes, "t": ended_ns}, id=f"{events}-1")
-        pipe.srem(owned, session_id)
-        pipe.pexpire(meta_key, self._ttl_ms)
-        pipe.pexpire(events_key, self._ttl_ms)
 
-    def _apply(
-        self,
-        creates: list[_Live],
-        batches: list[tuple[_Live, int, bytes, Sequence[int], int]],
-        ends: list[tuple[_Live, str, str, int]],
-        error: str | None,
-    ) -> None:
+    def _apply(self, unit: _Unit, error: str | None) -> None:
         """Make what was written (or, Redis failing, what local readers may still have)
         readable, and wake the readers."""
+        if unit.node is None:
+            if error is not None:
+                log.error("redis: the session index or owner set missed a write: %s", error)
+            return
+        if error is None and not self._healthy:
+            log.warning("redis reachable again")
+            self._healthy = True
         touched: set[_Live] = set()
         if error is not None:
-            for live in creates:
+            for live in unit.creates:
                 self._lose(live, _LOST_REDIS.format(n=1) + f": {error}")
-        for live, first, data, event_ends, arrival in batches:
+        for live, first, data, event_ends, arrival in unit.batches:
             if live.deleted:
                 continue
             if error is not None:
@@ -626,7 +898,7 @@ class RedisStore:
             info.bytes += len(data)
             info.updated_ns = arrival
             touched.add(live)
-        for live, state, reason, ended_ns in ends:
+        for live, state, reason, ended_ns in unit.ends:
             if live.deleted:
                 continue
             if error is not None:
@@ -665,9 +937,10 @@ class RedisStore:
             live.info.storage_error = reason
             log.error("session %s: %s", live.info.session_id, reason)
 
-    def _set_unhealthy(self, exc: BaseException) -> None:
+    def _set_unhealthy(self, node: str | None, exc: object) -> None:
         if self._healthy:
-            log.error("redis unreachable, sessions stream from memory only: %s", exc)
+            where = f" (primary {node})" if node else ""
+            log.error("redis unreachable%s, sessions stream from memory only: %s", where, exc)
         self._healthy = False
 
     # --- reading ---------------------------------------------------------------------------
@@ -676,6 +949,13 @@ class RedisStore:
         live = self._live.get(session_id)
         if live is not None:
             return live.info
+        followed = self._followed.get(session_id)
+        if (
+            followed is not None
+            and not followed.ended
+            and time.monotonic() - followed.fetched < self._heartbeat_interval
+        ):
+            return followed.info  # kept current by the XREADs of its followers
         info, owner = await self._fetch(session_id)
         if (
             info is not None
@@ -684,10 +964,15 @@ class RedisStore:
             and await self._interrupt(session_id, owner)
         ):
             info, owner = await self._fetch(session_id)
+        if followed is not None:
+            if info is None or info.state != STREAMING:
+                self._followed.pop(session_id, None)
+            else:
+                followed.info, followed.fetched = info, time.monotonic()
         return info
 
     async def _fetch(self, session_id: str) -> tuple[SessionInfo | None, str]:
-        """The session as Redis has it, and the replica that reads its upstream."""
+        """The session as Redis has it, and the process that reads its upstream."""
         pipe = self._client().pipeline(transaction=False)
         pipe.hgetall(_meta_key(session_id))
         pipe.xrevrange(_events_key(session_id), "+", "-", count=1)
@@ -698,25 +983,38 @@ class RedisStore:
         client = self._client()
         ids = [raw.decode() for raw in await self._call(client.zrevrange(INDEX, 0, -1))]
         remote = [sid for sid in ids if sid not in self._live]
-        pipe = client.pipeline(transaction=False)
-        for session_id in remote:
-            pipe.hgetall(_meta_key(session_id))
-        hashes = await self._call(pipe.execute()) if remote else []
+        hashes: list[dict[bytes, bytes]] = []
+        if remote:
+            pipe = client.pipeline(transaction=False)
+            for session_id in remote:
+                pipe.hgetall(_meta_key(session_id))
+            hashes = await self._call(pipe.execute())
         gone = [sid for sid, fields in zip(remote, hashes, strict=True) if b"meta" not in fields]
         if gone:
             await self._call(client.zrem(INDEX, *gone))
+        # Streaming sessions need their live event count, and a look at their owner.
         streaming = [
-            sid
+            (sid, fields[b"owner"].decode())
             for sid, fields in zip(remote, hashes, strict=True)
-            if fields.get(b"state") == STREAMING.encode()
+            if fields.get(b"state") == STREAMING.encode() and b"owner" in fields
         ]
-        # Streaming sessions need their live event count, and a check of their owner.
-        refreshed = {}
-        for session_id in streaming:
-            refreshed[session_id] = await self.get(session_id)
+        lasts: dict[str, list[Any]] = {}
+        if streaming:
+            pipe = client.pipeline(transaction=False)
+            for session_id, _ in streaming:
+                pipe.xrevrange(_events_key(session_id), "+", "-", count=1)
+            lasts = dict(
+                zip((sid for sid, _ in streaming), await self._call(pipe.execute()), strict=True)
+            )
+            alive = {owner: await self._is_alive(owner) for owner in {o for _, o in streaming}}
+            for session_id, owner in streaming:
+                if not alive[owner] and await self._interrupt(session_id, owner):
+                    lasts[session_id] = []
+                    refreshed = await self._call(client.hgetall(_meta_key(session_id)))
+                    hashes[remote.index(session_id)] = refreshed
         infos = [live.info for live in self._live.values() if not live.deleted]
         for session_id, fields in zip(remote, hashes, strict=True):
-            info = refreshed.get(session_id) if session_id in refreshed else _info_from(fields, [])
+            info = _info_from(fields, lasts.get(session_id, []))
             if info is not None:
                 infos.append(info)
         infos.sort(key=lambda info: info.meta.created_ns, reverse=True)
@@ -728,44 +1026,96 @@ class RedisStore:
             if start_event > live.info.events:
                 return b"", 0
             if live.batches and start_event >= live.batches[0][0]:
-                readable = live.info.events
-                batches = takewhile(lambda batch: batch[0] <= readable, live.batches)
-                return take_events(batches, start_event, max_bytes)
+                return take_events(live.batches, start_event, max_bytes, live.info.events)
             if start_event > live.stored_events:
                 raise StorageError(
                     f"session {session_id}: events from {start_event} were not stored "
                     f"({live.lost}) and left memory"
                 )
+        followed = self._followed.get(session_id)
+        if followed is not None:
+            if start_event > followed.info.events and not followed.ended:
+                return b"", 0
+            if followed.batches and start_event >= followed.batches[0][0]:
+                data, count = take_events(followed.batches, start_event, max_bytes)
+                if count:
+                    return data, count
         data, count = await self._call(
             self._client().eval(_READ, 1, _events_key(session_id), start_event, max_bytes)
         )
         return data, int(count)
 
     async def wait(self, session_id: str, after_event: int, timeout: float) -> None:
+        if timeout <= 0:
+            return
         live = self._live.get(session_id)
+        loop = asyncio.get_running_loop()
         if live is not None:
             if live.info.events > after_event or live.info.state != STREAMING:
                 return
-            if live.waiter is None:
-                live.waiter = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await asyncio.shield(live.waiter)
+            waiter = loop.create_future()
+            live.waiters.append(waiter)
+            timer = loop.call_later(timeout, _resolve, waiter)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
             return
-        await self._wait_remote(session_id, after_event, timeout)
+        await self._wait_followed(session_id, after_event, timeout)
 
-    async def _wait_remote(self, session_id: str, after_event: int, timeout: float) -> None:
-        """XREAD BLOCK wakes on any entry after `after_event`: new events or the end marker."""
+    async def _wait_followed(self, session_id: str, after_event: int, timeout: float) -> None:
+        """Until the session another process streams has news: one XREAD BLOCK (started by
+        the first waiter) serves every reader here; it brings the entries themselves."""
+        followed = self._followed.get(session_id)
+        now = time.monotonic()
+        if followed is None:
+            info = await self.get(session_id)
+            if info is None or info.state != STREAMING or session_id in self._live:
+                return
+            followed = self._followed.get(session_id)
+            if followed is None:
+                followed = self._followed[session_id] = _Followed(
+                    info=info, fetched=now, cursor=b"%d-0" % info.events
+                )
+        followed.used = now
+        if followed.info.events > after_event or followed.ended:
+            return
+        if followed.reading is None or followed.reading.done():
+            followed.reading = asyncio.create_task(self._follow_read(followed, timeout))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(followed.reading)
+
+    async def _follow_read(self, followed: _Followed, timeout: float) -> None:
         assert self._blocking is not None
+        session_id = followed.info.session_id
         block_ms = max(1, int(timeout * 1000))
         try:
             async with asyncio.timeout(timeout + self._socket_timeout):
-                await self._blocking.xread(
-                    {_events_key(session_id): f"{after_event}-0"}, count=1, block=block_ms
+                reply = await self._blocking.xread(
+                    {_events_key(session_id): followed.cursor}, count=FOLLOW_COUNT, block=block_ms
                 )
-        except (RedisError, OSError, TimeoutError):
-            # Redis is gone or slow: let the reader look again later instead of spinning.
+        except (RedisError, RedisClusterException, OSError, TimeoutError):
+            # Redis is gone or failing over: let the readers look again later, not spin.
             await asyncio.sleep(min(timeout, self._heartbeat_interval))
+            return
+        for _, entries in reply or ():
+            for entry_id, fields in entries:
+                self._take_entry(followed, entry_id, fields)
+
+    def _take_entry(self, followed: _Followed, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        followed.cursor = entry_id
+        info = followed.info
+        data = fields.get(b"d")
+        if data is None:
+            followed.ended = True  # the end marker: the final state is in the hash
+            return
+        ends = _ends_from(fields[b"e"])
+        last = _entry_last_event(entry_id)
+        followed.tail_bytes = _add_batch(
+            followed.batches, followed.tail_bytes, (last - len(ends) + 1, data, ends)
+        )
+        info.events, info.bytes, info.updated_ns = last, int(fields[b"b"]), int(fields[b"t"])
 
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
         client = self._client()
@@ -790,8 +1140,11 @@ class RedisStore:
         if live is not None:
             live.deleted = True
             live.wake()
-        pipe = self._client().pipeline(transaction=False)
-        pipe.delete(_meta_key(session_id), _events_key(session_id))
+        self._followed.pop(session_id, None)
+        client = self._client()
+        pipe = client.pipeline(transaction=False)
+        pipe.delete(_meta_key(session_id))
+        pipe.delete(_events_key(session_id))
         pipe.zrem(INDEX, session_id)
         await self._call(pipe.execute())
 
@@ -799,7 +1152,7 @@ class RedisStore:
         """Await one Redis call; its failure is a StorageError to the sessions layer."""
         try:
             return await awaitable
-        except (RedisError, OSError) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             raise StorageError(f"redis: {exc}") from None
 
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
@@ -809,6 +1162,7 @@ class RedisStore:
 
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
         client = self._client()
+        self._followed.pop(session_id, None)  # its state is about to change
         fields = await self._call(client.hmget(_meta_key(session_id), "state", "owner"))
         current, owner_raw = fields
         owner = owner_raw.decode() if owner_raw else ""
@@ -827,11 +1181,7 @@ class RedisStore:
             "reply": self.replica_id,
         }
         try:
-            delivered = await self._call(
-                client.publish(_control_channel(owner), json.dumps(message))
-            )
-            if not delivered:
-                return False
+            await self._send_control(owner, message)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(STOP_ACK_TIMEOUT):
                     await answer
@@ -839,34 +1189,43 @@ class RedisStore:
         finally:
             self._acks.pop(request_id, None)
 
+    async def _send_control(self, replica: str, message: dict[str, Any]) -> None:
+        pipe = self._client().pipeline(transaction=False)
+        key = _control_key(replica)
+        pipe.xadd(key, {"m": json.dumps(message)}, maxlen=1000, approximate=True)
+        pipe.pexpire(key, CONTROL_EXPIRY_MS)
+        await self._call(pipe.execute())
+
     async def _control_loop(self) -> None:
-        """Stop requests for our sessions and answers to our own requests, from pub/sub."""
+        """Stop requests for our sessions and answers to our own requests, from our stream."""
+        assert self._blocking is not None
+        key = _control_key(self.replica_id)
+        cursor = "0-0"
         while not self._closing:
             try:
-                if self._pubsub is None:
-                    await self._subscribe()
-                assert self._pubsub is not None
-                message = await self._pubsub.get_message(timeout=1.0)
-            except (RedisError, OSError) as exc:
-                # A fresh subscription is the one reliable way back after Redis restarted.
-                log.debug("control channel: %s", exc)
-                await self._unsubscribe()
+                reply = await self._blocking.xread({key: cursor}, count=100, block=1000)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                log.debug("control stream: %s", exc)
                 await asyncio.sleep(self._heartbeat_interval)
                 continue
-            if message is None or message.get("type") != "message":
-                continue
-            try:
-                body = json.loads(message["data"])
-            except ValueError:
-                continue
-            if "stop" in body:
-                task = asyncio.create_task(self._serve_stop(body))
-                self._serving.add(task)
-                task.add_done_callback(self._serving.discard)
-            elif "ack" in body:
-                answer = self._acks.get(body["ack"])
-                if answer is not None and not answer.done():
-                    answer.set_result(bool(body.get("ok")))
+            for _, entries in reply or ():
+                for entry_id, fields in entries:
+                    cursor = entry_id.decode()
+                    self._on_control(fields.get(b"m", b""))
+
+    def _on_control(self, raw: bytes) -> None:
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return
+        if "stop" in body:
+            task = asyncio.create_task(self._serve_stop(body))
+            self._serving.add(task)
+            task.add_done_callback(self._serving.discard)
+        elif "ack" in body:
+            answer = self._acks.get(body["ack"])
+            if answer is not None and not answer.done():
+                answer.set_result(bool(body.get("ok")))
 
     async def _serve_stop(self, body: dict[str, Any]) -> None:
         stopped = False
@@ -876,9 +1235,8 @@ class RedisStore:
             except Exception:
                 log.exception("stop request for session %s failed", body["stop"])
         await self.flush()
-        reply = json.dumps({"ack": body["id"], "ok": stopped})
-        with contextlib.suppress(RedisError, OSError):
-            await self._client().publish(_control_channel(body["reply"]), reply)
+        with contextlib.suppress(StorageError):
+            await self._send_control(body["reply"], {"ack": body["id"], "ok": stopped})
 
     async def _is_alive(self, replica: str) -> bool:
         if replica == self.replica_id:
@@ -893,15 +1251,11 @@ class RedisStore:
 
     async def _interrupt(self, session_id: str, owner: str) -> bool:
         """End a session whose owner is gone `interrupted`; False if it was not (any more)."""
-        keys = [
-            _meta_key(session_id),
-            _events_key(session_id),
-            _heartbeat_key(owner),
-            _owned_key(owner),
-        ]
-        args = [session_id, owner, f"replica {owner} stopped heartbeating"]
-        args += [time.time_ns(), self._ttl_ms]
-        done = await self._call(self._client().eval(_INTERRUPT, 4, *keys, *args))
+        client = self._client()
+        keys = [_meta_key(session_id), _events_key(session_id)]
+        args = [owner, f"replica {owner} stopped heartbeating", time.time_ns(), self._ttl_ms]
+        done = await self._call(client.eval(_INTERRUPT, 2, *keys, *args))
+        await self._call(client.srem(_owned_key(owner), session_id))
         if done:
             log.warning(
                 "session %s interrupted: replica %s stopped heartbeating", session_id, owner
@@ -921,15 +1275,27 @@ class RedisStore:
             await asyncio.sleep(self._heartbeat_interval)
             try:
                 remembered = await self._beat()
-                if not self._healthy:
+                # On a Cluster the flusher says when writes go through again.
+                if not self._healthy and (not self._cluster or self._flusher is None):
                     log.warning("redis reachable again")
                     self._healthy = True
                 if not remembered:
                     await self._check_kept()
                 await self._settle()
                 await self._sweep()
-            except (RedisError, OSError, StorageError) as exc:
-                self._set_unhealthy(exc)
+                self._forget_idle_followed()
+            except (RedisError, RedisClusterException, OSError, StorageError) as exc:
+                self._set_unhealthy(None, exc)
+                if self._cluster:
+                    with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                        await self._refresh_writers(reread=True)
+
+    def _forget_idle_followed(self) -> None:
+        now = time.monotonic()
+        for session_id, followed in list(self._followed.items()):
+            idle = followed.reading is None or followed.reading.done()
+            if idle and now - followed.used > REMOTE_IDLE:
+                del self._followed[session_id]
 
     async def _check_kept(self) -> None:
         """Redis forgot our heartbeat, so it may have forgotten our sessions too."""
@@ -995,7 +1361,7 @@ class RedisStore:
             )
 
     async def _sweep(self) -> None:
-        """Mark `interrupted` the streaming sessions of every replica whose heartbeat is gone."""
+        """Mark `interrupted` the streaming sessions of every process whose heartbeat is gone."""
         client = self._client()
         replicas = [r.decode() for r in await client.smembers(REPLICAS)]
         others = [r for r in replicas if r != self.replica_id]
@@ -1011,3 +1377,8 @@ class RedisStore:
                 await self._interrupt(raw.decode(), replica)
             if not await client.scard(_owned_key(replica)):
                 await client.srem(REPLICAS, replica)
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
