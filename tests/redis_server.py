@@ -84,6 +84,19 @@ class RedisServer:
             return self.command(b"PING").startswith(b"+PONG")
         return False
 
+    def _alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def _sees_primary(self, node: RedisServer, primary: RedisServer) -> bool:
+        """Whether `node`'s view of the cluster has `primary` as a primary, and is ok."""
+        if "cluster_state:ok" not in self.cli(node, "cluster", "info"):
+            return False
+        for line in self.cli(node, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1].split("@")[0].endswith(f":{primary.port}"):
+                return "master" in fields[2] and "fail" not in fields[2]
+        return False
+
     def flushall(self) -> None:
         assert self.command(b"FLUSHALL").startswith(b"+OK")
 
@@ -248,10 +261,23 @@ class RedisClusterServers:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             promoted = "role:master" in self.cli(replica, "info", "replication")
-            if promoted and "cluster_state:ok" in self.cli(replica, "cluster", "info"):
+            if promoted and all(self._sees_primary(node, replica) for node in self._alive()):
                 return replica
             time.sleep(0.05)
         raise RuntimeError(f"replica {replica.port} was not promoted: {self.topology()}")
+
+    def _alive(self) -> list[RedisServer]:
+        return [node for node in self.nodes if node.process is not None]
+
+    def _sees_primary(self, node: RedisServer, primary: RedisServer) -> bool:
+        """Whether `node`'s view of the cluster has `primary` as a primary, and is ok."""
+        if "cluster_state:ok" not in self.cli(node, "cluster", "info"):
+            return False
+        for line in self.cli(node, "cluster", "nodes").splitlines():
+            fields = line.split()
+            if len(fields) > 2 and fields[1].split("@")[0].endswith(f":{primary.port}"):
+                return "master" in fields[2] and "fail" not in fields[2]
+        return False
 
     def flushall(self) -> None:
         for row in self.topology():

@@ -7,6 +7,7 @@ restart mid-stream costs the health check, never the process or the client's str
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -34,13 +35,20 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture
 def replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[ProxyProcess]]:
     """Replicas A, B and C: same config, same Redis, the built-in mock upstream each."""
+    with start_replicas(tmp_path, f"backend: redis\n  redis_url: {redis_server.url}") as started:
+        yield started
+
+
+@contextlib.contextmanager
+def start_replicas(
+    tmp_path: Path, storage: str, names: str = "abc"
+) -> Iterator[list[ProxyProcess]]:
+    """Proxy processes sharing one `storage:` section (YAML under the key, indented by 2)."""
     config = tmp_path / "proxy.yaml"
-    config.write_text(
-        f"storage:\n  backend: redis\n  redis_url: {redis_server.url}\nsession:\n  keepalive: 1s\n"
-    )
+    config.write_text(f"storage:\n  {storage}\nsession:\n  keepalive: 1s\n")
     started: list[ProxyProcess] = []
     try:
-        for name in "abc":
+        for name in names:
             data_dir = tmp_path / name / "data"
             data_dir.parent.mkdir()
             proxy = ProxyProcess(data_dir, extra_args=["--config", str(config)])

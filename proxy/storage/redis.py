@@ -64,7 +64,7 @@ import time
 from array import array
 from bisect import bisect_right
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -74,7 +74,20 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import RedisClusterException, RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ClusterError,
+    MasterDownError,
+    ReadOnlyError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..config import StorageConfig
@@ -106,6 +119,18 @@ _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
 _LOST_ID = "another process created session {id} first"
+_TRANSIENT = (  # what a Cluster failover looks like to a client, retried on a Cluster
+    RedisConnectionError,
+    RedisTimeoutError,
+    ClusterDownError,
+    ClusterError,
+    TryAgainError,
+    AskError,
+    MasterDownError,
+    ReadOnlyError,
+    SlotNotCoveredError,
+    OSError,
+)
 
 # Scripts go by EVAL, not EVALSHA: Redis caches them by digest anyway, and a restarted Redis
 # (which forgot every loaded script) needs no NOSCRIPT dance.
@@ -603,7 +628,7 @@ class RedisStore:
         if session_id in self._live:
             raise SessionConflict(f"session {session_id} already exists")
         created = await self._call(
-            self._client().eval(
+            lambda client: client.eval(
                 _CREATE,
                 1,
                 _meta_key(session_id),
@@ -940,7 +965,15 @@ class RedisStore:
     def _set_unhealthy(self, node: str | None, exc: object) -> None:
         if self._healthy:
             where = f" (primary {node})" if node else ""
-            log.error("redis unreachable%s, sessions stream from memory only: %s", where, exc)
+            if self._cluster:
+                log.error(
+                    "redis unreachable%s, writes wait up to %.0fs for a failover: %s",
+                    where,
+                    FAILOVER_WINDOW,
+                    exc,
+                )
+            else:
+                log.error("redis unreachable%s, sessions stream from memory only: %s", where, exc)
         self._healthy = False
 
     # --- reading ---------------------------------------------------------------------------
@@ -973,25 +1006,24 @@ class RedisStore:
 
     async def _fetch(self, session_id: str) -> tuple[SessionInfo | None, str]:
         """The session as Redis has it, and the process that reads its upstream."""
-        pipe = self._client().pipeline(transaction=False)
-        pipe.hgetall(_meta_key(session_id))
-        pipe.xrevrange(_events_key(session_id), "+", "-", count=1)
-        fields, last = await self._call(pipe.execute())
+        fields, last = await self._pipeline(
+            lambda pipe: pipe.hgetall(_meta_key(session_id)).xrevrange(
+                _events_key(session_id), "+", "-", count=1
+            )
+        )
         return _info_from(fields, last), fields.get(b"owner", b"").decode()
 
     async def list(self) -> list[SessionInfo]:
-        client = self._client()
-        ids = [raw.decode() for raw in await self._call(client.zrevrange(INDEX, 0, -1))]
-        remote = [sid for sid in ids if sid not in self._live]
+        raw_ids = await self._call(lambda client: client.zrevrange(INDEX, 0, -1))
+        remote = [sid for sid in (raw.decode() for raw in raw_ids) if sid not in self._live]
         hashes: list[dict[bytes, bytes]] = []
         if remote:
-            pipe = client.pipeline(transaction=False)
-            for session_id in remote:
-                pipe.hgetall(_meta_key(session_id))
-            hashes = await self._call(pipe.execute())
+            hashes = await self._pipeline(
+                lambda pipe: [pipe.hgetall(_meta_key(session_id)) for session_id in remote]
+            )
         gone = [sid for sid, fields in zip(remote, hashes, strict=True) if b"meta" not in fields]
         if gone:
-            await self._call(client.zrem(INDEX, *gone))
+            await self._call(lambda client: client.zrem(INDEX, *gone))
         # Streaming sessions need their live event count, and a look at their owner.
         streaming = [
             (sid, fields[b"owner"].decode())
@@ -1000,17 +1032,19 @@ class RedisStore:
         ]
         lasts: dict[str, list[Any]] = {}
         if streaming:
-            pipe = client.pipeline(transaction=False)
-            for session_id, _ in streaming:
-                pipe.xrevrange(_events_key(session_id), "+", "-", count=1)
-            lasts = dict(
-                zip((sid for sid, _ in streaming), await self._call(pipe.execute()), strict=True)
+            found = await self._pipeline(
+                lambda pipe: [
+                    pipe.xrevrange(_events_key(session_id), "+", "-", count=1)
+                    for session_id, _ in streaming
+                ]
             )
+            lasts = dict(zip((sid for sid, _ in streaming), found, strict=True))
             alive = {owner: await self._is_alive(owner) for owner in {o for _, o in streaming}}
             for session_id, owner in streaming:
                 if not alive[owner] and await self._interrupt(session_id, owner):
                     lasts[session_id] = []
-                    refreshed = await self._call(client.hgetall(_meta_key(session_id)))
+                    key = _meta_key(session_id)
+                    refreshed = await self._call(lambda client, key=key: client.hgetall(key))
                     hashes[remote.index(session_id)] = refreshed
         infos = [live.info for live in self._live.values() if not live.deleted]
         for session_id, fields in zip(remote, hashes, strict=True):
@@ -1040,8 +1074,9 @@ class RedisStore:
                 data, count = take_events(followed.batches, start_event, max_bytes)
                 if count:
                     return data, count
+        key = _events_key(session_id)
         data, count = await self._call(
-            self._client().eval(_READ, 1, _events_key(session_id), start_event, max_bytes)
+            lambda client: client.eval(_READ, 1, key, start_event, max_bytes)
         )
         return data, int(count)
 
@@ -1069,7 +1104,12 @@ class RedisStore:
         followed = self._followed.get(session_id)
         now = time.monotonic()
         if followed is None:
-            info = await self.get(session_id)
+            try:
+                info = await self.get(session_id)
+            except StorageError:
+                # Redis is gone: let the reader look again later instead of spinning.
+                await asyncio.sleep(min(timeout, self._heartbeat_interval))
+                return
             if info is None or info.state != STREAMING or session_id in self._live:
                 return
             followed = self._followed.get(session_id)
@@ -1118,12 +1158,12 @@ class RedisStore:
         info.events, info.bytes, info.updated_ns = last, int(fields[b"b"]), int(fields[b"t"])
 
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
-        client = self._client()
         result: list[tuple[int, int, int]] = []
+        key = _events_key(session_id)
         start = "-"
         while True:
             entries = await self._call(
-                client.xrange(_events_key(session_id), start, "+", ARRIVAL_PAGE)
+                lambda client, start=start: client.xrange(key, start, "+", ARRIVAL_PAGE)
             )
             for entry_id, fields in entries:
                 if b"d" in fields:
@@ -1141,19 +1181,42 @@ class RedisStore:
             live.deleted = True
             live.wake()
         self._followed.pop(session_id, None)
-        client = self._client()
-        pipe = client.pipeline(transaction=False)
-        pipe.delete(_meta_key(session_id))
-        pipe.delete(_events_key(session_id))
-        pipe.zrem(INDEX, session_id)
-        await self._call(pipe.execute())
+        await self._pipeline(
+            lambda pipe: (
+                pipe.delete(_meta_key(session_id))
+                .delete(_events_key(session_id))
+                .zrem(INDEX, session_id)
+            )
+        )
 
-    async def _call(self, awaitable: Any) -> Any:
-        """Await one Redis call; its failure is a StorageError to the sessions layer."""
-        try:
-            return await awaitable
-        except (RedisError, RedisClusterException, OSError) as exc:
-            raise StorageError(f"redis: {exc}") from None
+    async def _call(self, command: Callable[[Client], Awaitable[Any]]) -> Any:
+        """One Redis call; its failure is a StorageError to the sessions layer. On a Cluster
+        a failure that a failover explains is retried for up to FAILOVER_WINDOW seconds, so
+        readers wait out a primary's failover instead of failing."""
+        deadline = time.monotonic() + FAILOVER_WINDOW
+        backoff = 0.05
+        while True:
+            try:
+                return await command(self._client())
+            except _TRANSIENT as exc:
+                if not self._may_retry(deadline):
+                    raise StorageError(f"redis: {exc}") from None
+                log.debug("redis call retried: %s", exc)
+            except (RedisError, RedisClusterException, OSError) as exc:
+                raise StorageError(f"redis: {exc}") from None
+            await asyncio.sleep(backoff)
+            backoff = min(1.0, backoff * 2)
+
+    async def _pipeline(self, build: Callable[[Any], object]) -> list[Any]:
+        """`_call` for a pipeline (a new one each try): `build` queues its commands."""
+
+        async def run(client: Client) -> list[Any]:
+            pipe = client.pipeline(transaction=False)
+            build(pipe)
+            return await pipe.execute()
+
+        result: list[Any] = await self._call(run)
+        return result
 
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
 
@@ -1161,9 +1224,9 @@ class RedisStore:
         self._stop_handler = handler
 
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
-        client = self._client()
         self._followed.pop(session_id, None)  # its state is about to change
-        fields = await self._call(client.hmget(_meta_key(session_id), "state", "owner"))
+        key = _meta_key(session_id)
+        fields = await self._call(lambda client: client.hmget(key, "state", "owner"))
         current, owner_raw = fields
         owner = owner_raw.decode() if owner_raw else ""
         if current != STREAMING.encode() or not owner or owner == self.replica_id:
@@ -1190,11 +1253,13 @@ class RedisStore:
             self._acks.pop(request_id, None)
 
     async def _send_control(self, replica: str, message: dict[str, Any]) -> None:
-        pipe = self._client().pipeline(transaction=False)
         key = _control_key(replica)
-        pipe.xadd(key, {"m": json.dumps(message)}, maxlen=1000, approximate=True)
-        pipe.pexpire(key, CONTROL_EXPIRY_MS)
-        await self._call(pipe.execute())
+        body = {"m": json.dumps(message)}
+        await self._pipeline(
+            lambda pipe: pipe.xadd(key, body, maxlen=1000, approximate=True).pexpire(
+                key, CONTROL_EXPIRY_MS
+            )
+        )
 
     async def _control_loop(self) -> None:
         """Stop requests for our sessions and answers to our own requests, from our stream."""
@@ -1244,18 +1309,18 @@ class RedisStore:
         now = time.monotonic()
         if self._alive_until.get(replica, 0.0) > now:
             return True
-        alive = bool(await self._call(self._client().exists(_heartbeat_key(replica))))
+        key = _heartbeat_key(replica)
+        alive = bool(await self._call(lambda client: client.exists(key)))
         if alive:
             self._alive_until[replica] = now + self._heartbeat_interval
         return alive
 
     async def _interrupt(self, session_id: str, owner: str) -> bool:
         """End a session whose owner is gone `interrupted`; False if it was not (any more)."""
-        client = self._client()
         keys = [_meta_key(session_id), _events_key(session_id)]
         args = [owner, f"replica {owner} stopped heartbeating", time.time_ns(), self._ttl_ms]
-        done = await self._call(client.eval(_INTERRUPT, 2, *keys, *args))
-        await self._call(client.srem(_owned_key(owner), session_id))
+        done = await self._call(lambda client: client.eval(_INTERRUPT, 2, *keys, *args))
+        await self._call(lambda client: client.srem(_owned_key(owner), session_id))
         if done:
             log.warning(
                 "session %s interrupted: replica %s stopped heartbeating", session_id, owner
