@@ -8,6 +8,7 @@ restart mid-stream costs the health check, never the process or the client's str
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import threading
 import time
@@ -33,15 +34,21 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 @pytest.fixture
-def replicas(tmp_path: Path, redis_server: RedisServer) -> Iterator[list[ProxyProcess]]:
+def storage_yaml(redis_server: RedisServer) -> str:
+    """The `storage:` section every replica gets (the Cluster module overrides it)."""
+    return f"backend: redis\n  redis_url: {redis_server.url}"
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, storage_yaml: str) -> Iterator[list[ProxyProcess]]:
     """Replicas A, B and C: same config, same Redis, the built-in mock upstream each."""
-    with start_replicas(tmp_path, f"backend: redis\n  redis_url: {redis_server.url}") as started:
+    with start_replicas(tmp_path, storage_yaml) as started:
         yield started
 
 
 @contextlib.contextmanager
 def start_replicas(
-    tmp_path: Path, storage: str, names: str = "abc"
+    tmp_path: Path, storage: str, names: str = "abc", upstream: str = "mock"
 ) -> Iterator[list[ProxyProcess]]:
     """Proxy processes sharing one `storage:` section (YAML under the key, indented by 2)."""
     config = tmp_path / "proxy.yaml"
@@ -51,7 +58,7 @@ def start_replicas(
         for name in names:
             data_dir = tmp_path / name / "data"
             data_dir.parent.mkdir()
-            proxy = ProxyProcess(data_dir, extra_args=["--config", str(config)])
+            proxy = ProxyProcess(data_dir, upstream, extra_args=["--config", str(config)])
             started.append(proxy)
             proxy.start()
         yield started
@@ -237,3 +244,73 @@ def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes
         cancelled = httpx.post(f"{b.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
         assert cancelled.json()["state"] == "cancelled"
         assert error_code(b"".join(chunks)) == "cancelled"
+
+
+class SlowHeadersUpstream:
+    """An SSE upstream that waits `delay` seconds before its headers, so requests sent to
+    two replicas at once are both upstream when either could create its session."""
+
+    def __init__(self, delay: float) -> None:
+        upstream = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                upstream.calls += 1
+                time.sleep(delay)
+                self.send_response(200)
+                self.send_header("Content-Type", "text/event-stream")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                for n in range(5):
+                    self.wfile.write(b'data: {"n": %d, "from": %d}\n\n' % (n, upstream.calls))
+                    self.wfile.flush()
+                self.wfile.write(b"data: [DONE]\n\n")
+
+            def log_message(self, *args: object) -> None:
+                del args
+
+        self.calls = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> SlowHeadersUpstream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_one_client_id_sent_to_two_replicas_at_once_is_created_once_the_other_gets_409(
+    tmp_path: Path, storage_yaml: str
+) -> None:
+    session_id = "client-chosen-id-0001"
+    body = mock_stream_body(5, 0)
+    with (
+        SlowHeadersUpstream(0.5) as upstream,
+        start_replicas(tmp_path, storage_yaml, upstream=upstream.url) as (a, b, c),
+    ):
+        answers: dict[str, tuple[int, bytes]] = {}
+
+        def send(proxy: ProxyProcess) -> None:
+            headers = {**AUTH, "X-Resume-Session-Id": session_id}
+            url = f"{proxy.url}/v1/chat/completions"
+            with httpx.stream("POST", url, json=body, headers=headers, timeout=30) as response:
+                answers[proxy.url] = (response.status_code, response.read())
+
+        senders = [threading.Thread(target=send, args=(proxy,)) for proxy in (a, b)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(30)
+        assert upstream.calls == 2  # both were upstream before either created the session
+        statuses = sorted(status for status, _ in answers.values())
+        assert statuses == [200, 409]
+        won = next(body for status, body in answers.values() if status == 200)
+        lost = next(body for status, body in answers.values() if status == 409)
+        assert json.loads(lost)["error"]["code"] == "session_conflict"
+        assert event_ids(won) == [1, 2, 3, 4, 5, 6]
+        assert replay(c, session_id) == won  # the winner's stream is the session, everywhere

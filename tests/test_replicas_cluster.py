@@ -18,7 +18,7 @@ import pytest
 from proxy.sse import KEEPALIVE
 
 from . import test_replicas
-from .helpers import ProxyProcess, event_ids, mock_stream_body
+from .helpers import event_ids, mock_stream_body
 from .redis_server import RedisClusterServers, redis_available
 from .test_replicas import AUTH, error_code, read_until, replay, session_json, start_replicas
 
@@ -34,6 +34,9 @@ globals().update(
 )
 
 
+replicas = test_replicas.replicas  # the same replicas A, B, C, on `storage_yaml` below
+
+
 def cluster_yaml(cluster: RedisClusterServers) -> str:
     return (
         f"backend: redis\n  redis_url: {cluster.url}\n  redis_cluster: true\n"
@@ -42,10 +45,9 @@ def cluster_yaml(cluster: RedisClusterServers) -> str:
 
 
 @pytest.fixture
-def replicas(tmp_path: Path, redis_cluster: RedisClusterServers) -> Iterator[list[ProxyProcess]]:
+def storage_yaml(redis_cluster: RedisClusterServers) -> str:
     redis_cluster.flushall()
-    with start_replicas(tmp_path, cluster_yaml(redis_cluster)) as started:
-        yield started
+    return cluster_yaml(redis_cluster)
 
 
 @pytest.fixture
