@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -74,12 +75,28 @@ def serve(
     )
     setup_logging(config.server.log_level, config.server.log_format)
     _use_uvloop()
+    listening = f"http://{config.server.host}:{config.server.port}"
+    banner = f"resumable-proxy listening on {listening} -> {_upstream_name(config)}"
+    count = config.server.workers
+    if count == 1:
+        _serve_one(config, lambda: click.echo(banner, err=True))
+        return
+    from .workers import supervise
+
+    def worker(ready: Callable[[], None]) -> int:
+        _serve_one(config, ready, reuse_port=True)
+        return 0
+
+    sys.exit(supervise(count, worker, lambda: click.echo(f"{banner} ({count} workers)", err=True)))
+
+
+def _serve_one(config: Config, ready: Callable[[], None], reuse_port: bool = False) -> None:
+    """The proxy in this process until SIGTERM/SIGINT; `ready` once it listens."""
     from aiohttp import web
 
     from .app import build_app
 
     app = build_app(config)
-    listening = f"http://{config.server.host}:{config.server.port}"
     try:
         web.run_app(
             app,
@@ -89,10 +106,9 @@ def serve(
             # aiohttp's default of 128 drops SYNs when a burst of clients (a deploy, a
             # reconnect storm after a network blip) arrives at once; the kernel caps it anyway.
             backlog=4096,
+            reuse_port=reuse_port,
             shutdown_timeout=config.server.shutdown_grace + 5,
-            print=lambda _: click.echo(
-                f"resumable-proxy listening on {listening} -> {_upstream_name(config)}", err=True
-            ),
+            print=lambda _: ready(),
         )
     except StorageError as exc:
         _fail(f"error: storage: {exc}")

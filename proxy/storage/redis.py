@@ -482,7 +482,8 @@ class RedisStore:
         self._socket_timeout = socket_timeout
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._redis: Client | None = None
-        self._blocking: Client | None = None  # XREAD BLOCK: no socket timeout
+        self._blocking: Client | None = None  # followers' XREAD BLOCK: no socket timeout
+        self._control: Client | None = None  # the control stream's XREAD BLOCK
         self._writers: dict[str, Redis] = {}  # primary name -> its own write connection
         self._healthy = False
         self._live: dict[str, _Live] = {}
@@ -511,20 +512,23 @@ class RedisStore:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    def _connect(self, socket_timeout: float | None, url: str | None = None) -> Any:
+    def _connect(self, role: str, socket_timeout: float | None, url: str | None = None) -> Any:
+        """A client (or, `url` given, a one-node client); its connections are named
+        `rp:<replica>:<role>` in Redis's CLIENT LIST, so an operator sees who does what."""
         common: dict[str, Any] = {
             "socket_connect_timeout": self._socket_timeout,
             "socket_timeout": socket_timeout,
             "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
-            "client_name": f"rp:{self.replica_id}",
+            "client_name": f"rp:{self.replica_id}:{role}",
         }
         if self._cluster and url is None:
             return RedisCluster.from_url(self._url, **common)
         return Redis.from_url(url or self._url, health_check_interval=10, **common)
 
     async def start(self) -> None:
-        self._redis = self._connect(self._socket_timeout)
-        self._blocking = self._connect(None)
+        self._redis = self._connect("main", self._socket_timeout)
+        self._blocking = self._connect("follow", None)
+        self._control = self._connect("control", None)
         try:
             async with asyncio.timeout(self._socket_timeout * 3):
                 await self._check_mode()
@@ -579,12 +583,12 @@ class RedisStore:
         self._healthy = False
 
     async def _close_clients(self) -> None:
-        clients: list[Any] = [self._redis, self._blocking, *self._writers.values()]
+        clients: list[Any] = [self._redis, self._blocking, self._control, *self._writers.values()]
         for client in clients:
             if client is not None:
                 with contextlib.suppress(RedisError, RedisClusterException, OSError):
                     await client.aclose()
-        self._redis = self._blocking = None
+        self._redis = self._blocking = self._control = None
         self._writers = {}
 
     # --- routing: which primary gets a key's writes ----------------------------------------
@@ -601,7 +605,7 @@ class RedisStore:
         client = self._client()
         if not isinstance(client, RedisCluster):
             if "" not in self._writers:
-                self._writers[""] = self._connect(self._socket_timeout, self._url)
+                self._writers[""] = self._connect("write", self._socket_timeout, self._url)
             return
         if reread:
             await client.nodes_manager.initialize()
@@ -616,7 +620,7 @@ class RedisStore:
                 if url.password is not None or url.username:
                     netloc = f"{url.username or ''}:{url.password or ''}@{netloc}"
                 self._writers[name] = self._connect(
-                    self._socket_timeout, urlunsplit(url._replace(netloc=netloc, path=""))
+                    "write", self._socket_timeout, urlunsplit(url._replace(netloc=netloc, path=""))
                 )
 
     # --- writing ---------------------------------------------------------------------------
@@ -1263,12 +1267,12 @@ class RedisStore:
 
     async def _control_loop(self) -> None:
         """Stop requests for our sessions and answers to our own requests, from our stream."""
-        assert self._blocking is not None
+        assert self._control is not None
         key = _control_key(self.replica_id)
         cursor = "0-0"
         while not self._closing:
             try:
-                reply = await self._blocking.xread({key: cursor}, count=100, block=1000)
+                reply = await self._control.xread({key: cursor}, count=100, block=1000)
             except (RedisError, RedisClusterException, OSError) as exc:
                 log.debug("control stream: %s", exc)
                 await asyncio.sleep(self._heartbeat_interval)
