@@ -18,6 +18,7 @@ from pathlib import Path
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
 _running: list[Server] = []
 
 
@@ -112,13 +113,49 @@ def redis_available() -> bool:
     return Path(REDIS_SERVER).exists()
 
 
-def start_redis(work_dir: Path) -> Server:
+def start_redis(work_dir: Path, name: str = "redis-server", *extra: str) -> Server:
     """A `redis-server` on a free loopback port, no persistence, its files in `work_dir`."""
     work_dir.mkdir(parents=True, exist_ok=True)
     port = free_port()
     args = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(work_dir)]
-    args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    return Server("redis-server", args, port, work_dir / "redis.log", {}).wait_ready()
+    args += ["--save", "", "--appendonly", "no", "--daemonize", "no", *extra]
+    return Server(name, args, port, work_dir / "redis.log", {}).wait_ready()
+
+
+def start_redis_cluster(work_dir: Path, primaries: int = 3) -> list[Server]:
+    """A Redis Cluster of `primaries` nodes (no replicas: the column measures the routing,
+    not replication), made with `redis-cli --cluster create`, ready when every node says ok."""
+    nodes = [
+        start_redis(
+            work_dir / f"node{n}",
+            f"redis-cluster-{n}",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            str(work_dir / f"node{n}" / "nodes.conf"),
+            "--cluster-port",
+            str(free_port()),
+        )
+        for n in range(primaries)
+    ]
+    addresses = [f"127.0.0.1:{node.port}" for node in nodes]
+    create = [REDIS_CLI, "--cluster", "create", *addresses, "--cluster-replicas", "0"]
+    subprocess.run([*create, "--cluster-yes"], check=True, capture_output=True, timeout=60)
+    deadline = time.monotonic() + 30
+    for node in nodes:
+        while True:
+            info = subprocess.run(
+                [REDIS_CLI, "-p", str(node.port), "cluster", "info"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout
+            if "cluster_state:ok" in info:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster node {node.port} not ok: {info}")
+            time.sleep(0.1)
+    return nodes
 
 
 @atexit.register

@@ -115,7 +115,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Rerun: `python benchmarks/run.py` (all on 127.0.0.1; the proxy runs as "
         "`python -m proxy serve` with its default config: disk log, `fsync: interval`; "
         "proxy-redis is the same on uvloop with `storage.backend: redis`, its own "
-        "`redis-server` without persistence, in the throughput and latency workloads only).",
+        "`redis-server` without persistence; proxy-redis-workers2 the same with "
+        "`server.workers: 2`; proxy-redis-cluster the same on a 3-primary Redis Cluster; "
+        "those three in the throughput and latency workloads only).",
         "",
         "## Targets (issue 7)",
         "",

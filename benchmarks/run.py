@@ -5,9 +5,11 @@
 Everything runs on 127.0.0.1 as children of this process: the stamping upstream
 (`upstream.py`), nginx (`nginx.py`), the proxy as `python -m proxy serve` with its default
 config (disk log, `fsync: interval`) once on uvloop and once on the stock asyncio loop, the
-proxy with the Redis backend in front of its own `redis-server` (throughput and latency
-workloads only), and the load generator processes (`loadgen.py`). Targets are interleaved
-workload by workload so that drift on the machine touches every column alike. Results go to
+proxy with the Redis backend in front of its own `redis-server`, the same with
+`server.workers: 2`, and the same on a 3-primary Redis Cluster (those three in the
+throughput and latency workloads only), and the load generator processes (`loadgen.py`).
+Targets are interleaved workload by workload so that drift on the machine touches every
+column alike. Results go to
 DIR as results.json (every figure), results.md (tables) and PNG plots (`report.py`).
 """
 
@@ -32,13 +34,23 @@ from typing import Any
 import report
 from loadgen import PLAIN_BODY, Generator, split, stream_body
 from nginx import nginx_binary, nginx_version, start_nginx
-from procs import Server, cpu_seconds, free_port, redis_available, rss_bytes, start_redis
+from procs import (
+    Server,
+    cpu_seconds,
+    free_port,
+    redis_available,
+    rss_bytes,
+    start_redis,
+    start_redis_cluster,
+)
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CHAT = "/v1/chat/completions"
 DIRECT, NGINX = "direct", "nginx"
 PROXY_REDIS, REDIS = "proxy-redis", "redis-server"
+PROXY_REDIS_WORKERS = "proxy-redis-workers2"  # server.workers: 2 on the same redis-server
+PROXY_REDIS_CLUSTER = "proxy-redis-cluster"  # storage.redis_cluster on 3 primaries
 # Blocks the uvloop import so `serve` falls back to the stock loop (it uses uvloop when it can).
 _WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()"
 
@@ -83,13 +95,14 @@ class Plan:
 class Targets:
     """Where each column's requests go, and the pid whose CPU is that column's cost.
 
-    `servers` also holds redis-server, which is no column: proxy-redis's rows show its CPU.
-    A column in `only` is measured in the workloads listed there and no others ("latency"
-    stands for "latency 100", "latency 200" and so on)."""
+    `servers` also holds the redis-servers, which are no columns: `stores` names those whose
+    CPU a Redis column's rows show. A column in `only` is measured in the workloads listed
+    there and no others ("latency" stands for "latency 100", "latency 200" and so on)."""
 
     ports: dict[str, int] = field(default_factory=dict)
     servers: dict[str, Server] = field(default_factory=dict)
     only: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    stores: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -150,14 +163,15 @@ class Bench:
     def _cpu(self) -> dict[str, float]:
         return {name: cpu_seconds(server.pid) for name, server in self.targets.servers.items()}
 
-    @staticmethod
     def _redis_cpu(
-        name: str, before: dict[str, float], after: dict[str, float], wall: float
+        self, name: str, before: dict[str, float], after: dict[str, float], wall: float
     ) -> dict[str, float]:
-        """redis-server's CPU for proxy-redis's row, which would hide it otherwise."""
-        if name != PROXY_REDIS:
+        """The redis-servers' CPU for a Redis column's row, which would hide it otherwise."""
+        stores = self.targets.stores.get(name)
+        if not stores:
             return {}
-        return {"redis_cpu_pct": round(100 * (after[REDIS] - before[REDIS]) / wall, 1)}
+        used = sum(after[store] - before[store] for store in stores)
+        return {"redis_cpu_pct": round(100 * used / wall, 1)}
 
     def _streams(
         self, port: int, streams: int, body: bytes, expected: int, seconds: float, **extra: Any
@@ -483,17 +497,23 @@ def machine_info(nginx: str | None) -> dict[str, Any]:
 
 
 def _proxy_starter(
-    tmp: Path, upstream_port: int, uvloop: bool, redis_url: str | None = None
+    tmp: Path,
+    upstream_port: int,
+    uvloop: bool,
+    redis_url: str | None = None,
+    name: str = PROXY_REDIS,
+    extra_config: str = "",
 ) -> Any:
     """A function starting a fresh `serve` child with its own dir and the default config, or
-    with the Redis backend on `redis_url` (then on uvloop when installed, as `serve` does)."""
+    with the Redis backend on `redis_url` (then on uvloop when installed, as `serve` does)
+    and `extra_config` (YAML lines: more storage keys, indented by 2, then other sections)."""
     runs = 0
 
     def start() -> Server:
         nonlocal runs
         runs += 1
-        name = PROXY_REDIS if redis_url else f"proxy-{'uvloop' if uvloop else 'asyncio'}"
-        work = tmp / f"{name}-{runs}"
+        name_here = name if redis_url else f"proxy-{'uvloop' if uvloop else 'asyncio'}"
+        work = tmp / f"{name_here}-{runs}"
         work.mkdir()
         port = free_port()
         head = ["-m", "proxy"] if uvloop else ["-c", _WITHOUT_UVLOOP]
@@ -506,10 +526,11 @@ def _proxy_starter(
         ]
         if redis_url:
             config = work / "proxy.yaml"
-            config.write_text(f"storage:\n  backend: redis\n  redis_url: {redis_url}\n")
+            storage = f"storage:\n  backend: redis\n  redis_url: {redis_url}\n"
+            config.write_text(storage + extra_config)
             args += ["--config", str(config)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        server = Server(name, args, port, work / "proxy.log", env)
+        server = Server(name_here, args, port, work / "proxy.log", env)
         return server.wait_ready()
 
     return start
@@ -577,7 +598,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 redis_url = f"redis://127.0.0.1:{redis.port}/0"
                 server = _proxy_starter(tmp, upstream.port, True, redis_url)()
                 targets.ports[PROXY_REDIS], targets.servers[PROXY_REDIS] = server.port, server
-                targets.only[PROXY_REDIS] = plan.redis_workloads
+                targets.stores[PROXY_REDIS] = (REDIS,)
+                cluster = start_redis_cluster(tmp / "redis-cluster")
+                for node in cluster:
+                    targets.servers[node.name] = node
+                columns = {
+                    PROXY_REDIS_CLUSTER: (
+                        f"redis://127.0.0.1:{cluster[0].port}",
+                        "  redis_cluster: true\n",
+                        tuple(node.name for node in cluster),
+                    ),
+                    PROXY_REDIS_WORKERS: (redis_url, "server:\n  workers: 2\n", (REDIS,)),
+                }
+                for name, (url, extra, stores) in columns.items():
+                    server = _proxy_starter(tmp, upstream.port, True, url, name, extra)()
+                    targets.ports[name], targets.servers[name] = server.port, server
+                    targets.stores[name] = stores
+                for name in targets.stores:
+                    targets.only[name] = plan.redis_workloads
             else:
                 report.progress("redis-server not found: the proxy-redis column is skipped")
             bench = Bench(plan, generator, targets)
