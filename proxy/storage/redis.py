@@ -70,7 +70,6 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
-from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
@@ -82,7 +81,6 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
-    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -100,6 +98,7 @@ from .base import (
     StopHandler,
     StorageError,
 )
+from .wire import Address, Arg, ReplyError, WireConnection
 
 log = logging.getLogger("proxy.storage.redis")
 
@@ -484,7 +483,7 @@ class RedisStore:
         self._redis: Client | None = None
         self._blocking: Client | None = None  # followers' XREAD BLOCK: no socket timeout
         self._control: Client | None = None  # the control stream's XREAD BLOCK
-        self._writers: dict[str, Redis] = {}  # primary name -> its own write connection
+        self._writers: dict[str, WireConnection] = {}  # primary name -> its write connection
         self._healthy = False
         self._live: dict[str, _Live] = {}
         self._followed: dict[str, _Followed] = {}
@@ -583,7 +582,9 @@ class RedisStore:
         self._healthy = False
 
     async def _close_clients(self) -> None:
-        clients: list[Any] = [self._redis, self._blocking, self._control, *self._writers.values()]
+        for writer in self._writers.values():
+            writer.close()
+        clients: list[Any] = [self._redis, self._blocking, self._control]
         for client in clients:
             if client is not None:
                 with contextlib.suppress(RedisError, RedisClusterException, OSError):
@@ -603,25 +604,21 @@ class RedisStore:
     async def _refresh_writers(self, reread: bool = False) -> None:
         """A write connection per primary; after a failover, read the topology again."""
         client = self._client()
+        name = f"rp:{self.replica_id}:write"
         if not isinstance(client, RedisCluster):
             if "" not in self._writers:
-                self._writers[""] = self._connect("write", self._socket_timeout, self._url)
+                address = Address.from_url(self._url)
+                self._writers[""] = WireConnection(address, name, self._socket_timeout)
             return
         if reread:
             await client.nodes_manager.initialize()
         primaries = {node.name: node for node in client.get_primaries()}
-        for name in [name for name in self._writers if name not in primaries]:
-            with contextlib.suppress(RedisError, OSError):
-                await self._writers.pop(name).aclose()
-        for name, node in primaries.items():
-            if name not in self._writers:
-                url = urlsplit(self._url)
-                netloc = f"{node.host}:{node.port}"
-                if url.password is not None or url.username:
-                    netloc = f"{url.username or ''}:{url.password or ''}@{netloc}"
-                self._writers[name] = self._connect(
-                    "write", self._socket_timeout, urlunsplit(url._replace(netloc=netloc, path=""))
-                )
+        for gone in [node for node in self._writers if node not in primaries]:
+            self._writers.pop(gone).close()
+        for node_name, node in primaries.items():
+            if node_name not in self._writers:
+                address = Address.from_url(self._url, node.host, int(node.port))
+                self._writers[node_name] = WireConnection(address, name, self._socket_timeout)
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -723,7 +720,10 @@ class RedisStore:
         deadline = time.monotonic() + FAILOVER_WINDOW
         backoff = 0.05
         while units:
-            errors = await asyncio.gather(*(self._write(unit) for unit in units))
+            if len(units) == 1:  # the usual turn: one primary, appends only (no task for it)
+                errors = [await self._write(units[0])]
+            else:
+                errors = await asyncio.gather(*(self._write(unit) for unit in units))
             failed: list[_Unit] = []
             for unit, error in zip(units, errors, strict=True):
                 if error is None or not self._may_retry(deadline):
@@ -788,10 +788,8 @@ class RedisStore:
         writer = self._writers.get(unit.node)
         if writer is None:
             return f"no connection to primary {unit.node}"
-        pipe = writer.pipeline(transaction=False)
-        for live in unit.creates:
-            if live.lost is None:
-                self._queue_create(pipe, live)
+        commands = [self._create_command(live) for live in unit.creates if live.lost is None]
+        creates = len(commands)
         packed: list[bytes] = []
         byte_counts: dict[_Live, int] = {}
         for live, first, data, event_ends, arrival in unit.batches:
@@ -806,31 +804,37 @@ class RedisStore:
             lengths = (len(key), len(entry_id), len(offsets), len(data), len(size), len(stamp))
             packed += (_BATCH_HEAD.pack(*lengths), key, entry_id, offsets, data, size, stamp)
         if packed:
-            pipe.eval(_APPEND, 0, b"".join(packed), self._live_expiry_ms)
-        for live, state, reason, ended_ns in unit.ends:
-            if live.lost is None and not live.deleted:
-                self._queue_end(pipe, live, state, reason, ended_ns)
-        if not len(pipe):
+            commands.append(("EVAL", _APPEND, 0, b"".join(packed), self._live_expiry_ms))
+        commands += [
+            self._end_command(live, state, reason, ended_ns)
+            for live, state, reason, ended_ns in unit.ends
+            if live.lost is None and not live.deleted
+        ]
+        if not commands:
             return None
         if self._wait_replicas:
-            pipe.execute_command("WAIT", self._wait_replicas, WAIT_TIMEOUT_MS)
+            commands.append(("WAIT", self._wait_replicas, WAIT_TIMEOUT_MS))
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except (RedisError, OSError) as exc:
+            results = await writer.send(commands)
+        except (OSError, TimeoutError) as exc:
             self._set_unhealthy(unit.node, exc)
             return str(exc) or type(exc).__name__
-        refused = [result for result in results if isinstance(result, ResponseError)]
+        except Exception as exc:  # a bug must fail these sessions, not stall every reader
+            log.exception("redis write failed")
+            return f"redis write failed: {exc!r}"
+        refused = [result for result in results if isinstance(result, ReplyError)]
         if refused:
             log.error("redis refused a write: %s", refused[0])
             return f"redis refused a write: {refused[0]}"
         if self._wait_replicas:
-            self._note_replicas(unit.node, int(results[-1]))
-        self._note_conflicts(unit, results)
+            self._note_replicas(unit.node, int(results[-1]))  # type: ignore[call-overload]
+        self._note_conflicts(unit, results[:creates])
         return None
 
-    def _queue_create(self, pipe: Pipeline, live: _Live) -> None:
+    def _create_command(self, live: _Live) -> tuple[Arg, ...]:
         meta = live.info.meta
-        pipe.eval(
+        return (
+            "EVAL",
             _CREATE,
             1,
             _meta_key(meta.session_id),
@@ -840,10 +844,10 @@ class RedisStore:
             self._live_expiry_ms,
         )
 
-    def _note_conflicts(self, unit: _Unit, results: list[Any]) -> None:
+    def _note_conflicts(self, unit: _Unit, results: list[object]) -> None:
         """A create the script refused: the id is another process's session."""
         creates = [live for live in unit.creates if live.lost is None]
-        for live, created in zip(creates, results, strict=False):
+        for live, created in zip(creates, results, strict=True):
             if not created:
                 self._lose(live, _LOST_ID.format(id=live.info.session_id))
                 live.settled = True  # the other session's keys are not ours to fail
@@ -880,12 +884,11 @@ class RedisStore:
             return str(exc) or type(exc).__name__
         return None
 
-    def _queue_end(
-        self, pipe: Pipeline, live: _Live, state: str, reason: str, ended_ns: int
-    ) -> None:
+    def _end_command(self, live: _Live, state: str, reason: str, ended_ns: int) -> tuple[Arg, ...]:
         session_id = live.info.session_id
         first_ns = live.info.first_event_ns
-        pipe.eval(
+        return (
+            "EVAL",
             _END,
             2,
             _meta_key(session_id),
