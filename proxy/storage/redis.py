@@ -66,6 +66,7 @@ from bisect import bisect_right
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import chain
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -105,6 +106,7 @@ log = logging.getLogger("proxy.storage.redis")
 TAIL_BYTES = 64 * 1024  # per live session: what local readers get without asking Redis
 ARRIVAL_PAGE = 1024  # batches per XRANGE when collecting arrival times
 FOLLOW_COUNT = 256  # entries per XREAD of a follower
+FOLLOW_POOL = 64  # idle follower connections kept per primary
 LOST_KEEP = 60.0  # seconds an ended session Redis missed stays readable from memory
 LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no key lives forever
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
@@ -481,9 +483,10 @@ class RedisStore:
         self._socket_timeout = socket_timeout
         self.replica_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._redis: Client | None = None
-        self._blocking: Client | None = None  # followers' XREAD BLOCK: no socket timeout
         self._control: Client | None = None  # the control stream's XREAD BLOCK
         self._writers: dict[str, WireConnection] = {}  # primary name -> its write connection
+        self._follow_pool: dict[str, list[WireConnection]] = {}  # idle XREAD connections
+        self._follow_name = f"rp:{self.replica_id}:follow"
         self._healthy = False
         self._live: dict[str, _Live] = {}
         self._followed: dict[str, _Followed] = {}
@@ -526,7 +529,6 @@ class RedisStore:
 
     async def start(self) -> None:
         self._redis = self._connect("main", self._socket_timeout)
-        self._blocking = self._connect("follow", None)
         self._control = self._connect("control", None)
         try:
             async with asyncio.timeout(self._socket_timeout * 3):
@@ -582,14 +584,15 @@ class RedisStore:
         self._healthy = False
 
     async def _close_clients(self) -> None:
-        for writer in self._writers.values():
-            writer.close()
-        clients: list[Any] = [self._redis, self._blocking, self._control]
+        for wire in [*self._writers.values(), *chain.from_iterable(self._follow_pool.values())]:
+            wire.close()
+        self._follow_pool = {}
+        clients: list[Any] = [self._redis, self._control]
         for client in clients:
             if client is not None:
                 with contextlib.suppress(RedisError, RedisClusterException, OSError):
                     await client.aclose()
-        self._redis = self._blocking = self._control = None
+        self._redis = self._control = None
         self._writers = {}
 
     # --- routing: which primary gets a key's writes ----------------------------------------
@@ -1134,21 +1137,54 @@ class RedisStore:
                 await asyncio.shield(followed.reading)
 
     async def _follow_read(self, followed: _Followed, timeout: float) -> None:
-        assert self._blocking is not None
-        session_id = followed.info.session_id
-        block_ms = max(1, int(timeout * 1000))
+        """One XREAD BLOCK on a connection of our own to the session's primary (a connection
+        blocks while it waits, so each followed session in flight has one, from a pool)."""
+        key = _events_key(followed.info.session_id)
         try:
-            async with asyncio.timeout(timeout + self._socket_timeout):
-                reply = await self._blocking.xread(
-                    {_events_key(session_id): followed.cursor}, count=FOLLOW_COUNT, block=block_ms
-                )
-        except (RedisError, RedisClusterException, OSError, TimeoutError):
-            # Redis is gone or failing over: let the readers look again later, not spin.
+            node, address = self._address_of(key)
+        except RedisClusterException:  # the slot has no primary right now: a failover
             await asyncio.sleep(min(timeout, self._heartbeat_interval))
             return
-        for _, entries in reply or ():
-            for entry_id, fields in entries:
-                self._take_entry(followed, entry_id, fields)
+        pool = self._follow_pool.setdefault(node, [])
+        wire = (
+            pool.pop() if pool else WireConnection(address, self._follow_name, self._socket_timeout)
+        )
+        block_ms = max(1, int(timeout * 1000))
+        command = ("XREAD", "COUNT", FOLLOW_COUNT, "BLOCK", block_ms, "STREAMS", key)
+        try:
+            (reply,) = await wire.send(
+                [(*command, followed.cursor)], timeout + self._socket_timeout
+            )
+        except (OSError, TimeoutError) as exc:
+            wire.close()
+            log.debug("follower of %s: %s", key, exc)
+            await asyncio.sleep(min(timeout, self._heartbeat_interval))
+            return
+        except BaseException:
+            wire.close()  # cancelled mid-command: its reply must not reach the next user
+            raise
+        if len(pool) < FOLLOW_POOL:
+            pool.append(wire)
+        else:
+            wire.close()
+        if isinstance(reply, ReplyError):  # MOVED, CLUSTERDOWN: a failover under way
+            log.debug("follower of %s: %s", key, reply)
+            if self._cluster:
+                with contextlib.suppress(RedisError, RedisClusterException, OSError):
+                    await self._refresh_writers(reread=True)
+            await asyncio.sleep(min(timeout, self._heartbeat_interval))
+            return
+        for _, entries in reply or ():  # type: ignore[attr-defined]
+            for entry_id, flat in entries:
+                self._take_entry(followed, entry_id, dict(zip(flat[::2], flat[1::2], strict=True)))
+
+    def _address_of(self, key: str) -> tuple[str, Address]:
+        """The primary serving `key`: its name ("" on one Redis) and how to reach it."""
+        client = self._client()
+        if not isinstance(client, RedisCluster):
+            return "", Address.from_url(self._url)
+        node = client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        return str(node.name), Address.from_url(self._url, node.host, int(node.port))
 
     def _take_entry(self, followed: _Followed, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
         followed.cursor = entry_id

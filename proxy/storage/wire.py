@@ -139,9 +139,12 @@ class WireConnection:
                     raise ConnectionError(f"redis refused the connection: {reply}")
         return protocol
 
-    async def send(self, commands: Sequence[Sequence[Arg]]) -> list[object]:
+    async def send(
+        self, commands: Sequence[Sequence[Arg]], timeout: float | None = None
+    ) -> list[object]:
         """The replies to `commands`, sent as one pipeline; ConnectionError or TimeoutError
-        when the connection fails (then it is closed, and the next call opens a new one)."""
+        when the connection fails or `timeout` (default: the connection's) passes (then it
+        is closed, and the next call opens a new one)."""
         protocol = self._protocol
         if protocol is None or protocol.closed:
             if self._opening is None:
@@ -152,7 +155,7 @@ class WireConnection:
                 if self._opening is not None and self._opening.done():
                     self._opening = None
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(timeout or self._timeout):
                 return await protocol.send(commands)
         except TimeoutError:
             self.close()  # replies may still come: the next send must not take them
