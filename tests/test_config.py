@@ -129,6 +129,28 @@ def test_durations_and_sizes(tmp_path: Path) -> None:
             "storage:\n  backend: redis\n",
             "config: storage.redis_url: required when storage.backend is redis",
         ),
+        (
+            "server:\n  workers: 2\n",
+            "config: server.workers: 2 workers need storage.backend redis (the disk log "
+            "belongs to one process, so workers could not resume each other's sessions)",
+        ),
+        (
+            "server:\n  workers: 0\n",
+            "config: server.workers: expected a value between 1 and 256, got 0",
+        ),
+        (
+            "server:\n  workers: 2\n  port: 0\nstorage:\n  backend: redis\n"
+            "  redis_url: redis://r:6379\n",
+            "config: server.workers: several workers need a fixed server.port, not 0",
+        ),
+        (
+            "storage:\n  redis_cluster: sometimes\n",
+            "config: storage.redis_cluster: expected true or false, got 'sometimes'",
+        ),
+        (
+            "storage:\n  redis_wait_replicas: -1\n",
+            "config: storage.redis_wait_replicas: expected a value between 0 and 16, got -1",
+        ),
     ],
 )
 def test_each_bad_value_is_one_line_naming_its_key(

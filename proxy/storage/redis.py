@@ -106,7 +106,7 @@ log = logging.getLogger("proxy.storage.redis")
 TAIL_BYTES = 64 * 1024  # per live session: what local readers get without asking Redis
 ARRIVAL_PAGE = 1024  # batches per XRANGE when collecting arrival times
 FOLLOW_COUNT = 256  # entries per XREAD of a follower
-FOLLOW_POOL = 64  # idle follower connections kept per primary
+FOLLOW_POOL = 1024  # idle follower connections kept per primary (a socket each)
 LOST_KEEP = 60.0  # seconds an ended session Redis missed stays readable from memory
 LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no key lives forever
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
@@ -537,6 +537,9 @@ class RedisStore:
                 await self._beat()
                 self._healthy = True
                 await self._sweep()
+        except StorageError:
+            await self._close_clients()
+            raise
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             await self._close_clients()
             self._healthy = False

@@ -26,7 +26,7 @@ from proxy.storage.base import (
 from proxy.storage.redis import RedisStore, take_events
 
 from ..helpers import free_port
-from ..redis_server import RedisServer, redis_available
+from ..redis_server import RedisClusterServers, RedisServer, redis_available
 
 pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
 
@@ -378,3 +378,42 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
     finally:
         await store.close()
         server.stop()
+
+
+async def test_on_a_cluster_a_sessions_keys_share_a_slot_and_sessions_spread_over_primaries(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    redis_cluster.flushall()
+    config = StorageConfig(backend="redis", redis_url=redis_cluster.url, redis_cluster=True)
+    store, other = RedisStore(config), RedisStore(config)
+    await store.start()
+    await other.start()
+    try:
+        ids = [f"spread-{n:04d}" for n in range(24)]
+        for session_id in ids:
+            store.create(meta(session_id))
+            append(store, session_id, 1, 3)
+        store.end(ids[0], COMPLETE, "", time.time_ns())
+        await store.flush()
+        primaries = {redis_cluster.primary_for(f"rp:{{{sid}}}:events").port for sid in ids}
+        assert len(primaries) == 3  # 24 sessions on all three primaries
+        for session_id in ids:
+            holder = redis_cluster.primary_for(f"rp:{{{session_id}}}:meta")
+            assert holder.port == redis_cluster.primary_for(f"rp:{{{session_id}}}:events").port
+            assert await read_all(other, session_id) == b"".join(event(n) for n in range(1, 4))
+        listed = [info.session_id for info in await other.list()]
+        assert sorted(listed) == sorted(ids)
+        info = await other.get(ids[0])
+        assert info is not None and (info.state, info.events) == (COMPLETE, 3)
+    finally:
+        await other.close()
+        await store.close()
+
+
+async def test_a_cluster_node_named_without_redis_cluster_is_one_clear_line(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    store = RedisStore(storage(redis_cluster.url))
+    with pytest.raises(StorageError) as raised:
+        await store.start()
+    assert str(raised.value).endswith("is a Redis Cluster node: set storage.redis_cluster: true")
