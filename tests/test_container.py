@@ -128,7 +128,8 @@ def test_proxy_runs_as_uid_10001_and_owns_the_data_volume(
     status = dict(line.split(":", 1) for line in proxy.exec("cat", "/proc/1/status").splitlines())
     assert status["Uid"].split() == ["10001"] * 4
     assert status["Gid"].split() == ["10001"] * 4
-    assert "resumable-proxy" in status["Name"] or "python" in status["Name"]
+    # PID 1 is the proxy itself (exec form), so `podman stop`'s SIGTERM reaches it.
+    assert b"/resumable-proxy\0serve\0" in proxy.exec("cat", "/proc/1/cmdline").encode()
     assert proxy.exec("stat", "-c", "%u:%g:%a", "/data").strip() == "10001:10001:700"
     # Debian's own `proxy` user (uid 13) is still there: the image's user does not clash.
     assert proxy.exec("getent", "passwd", "proxy").split(":")[2] == "13"
