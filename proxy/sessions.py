@@ -153,6 +153,7 @@ class Pump:
         "_stall",
         "_store",
         "done",
+        "reads",
     )
 
     def __init__(
@@ -178,16 +179,22 @@ class Pump:
             config.session.max_duration, self.fail, "stream exceeded session.max_duration"
         )
         self.done: asyncio.Future[None] = loop.create_future()
+        self.reads = 0  # bumped per read, for the stall watch
 
     # the upstream side
 
     def watch(self, upstream: UpstreamConnection) -> None:
-        """Read a raw connection: closing it is the way to stop, its reads count for stalls."""
+        """Read a raw connection: closing it is the way to stop."""
         self._close_upstream = upstream.close
-        self._stall = _StallWatch(self._config.upstream.idle_timeout, upstream, self)
+        self._stall = _StallWatch(self._config.upstream.idle_timeout, self)
 
     def drain(self, upstream: aiohttp.ClientResponse) -> None:
-        """Read an aiohttp response (requests that did not look like streams) in a task."""
+        """Read an aiohttp response (requests that did not look like streams) in a task.
+
+        aiohttp's sock_read timer covers most stalls but not all: when its C parser rejects
+        a chunked body mid-stream it drops that timer and never ends the payload, so the
+        stall watch covers this path too.
+        """
         task = asyncio.create_task(_read_aiohttp(upstream, self))
 
         def close() -> None:
@@ -195,10 +202,12 @@ class Pump:
             upstream.close()
 
         self._close_upstream = close
+        self._stall = _StallWatch(self._config.upstream.idle_timeout, self)
 
     def feed(self, chunk: bytes) -> None:
         if self.done.done():
             return
+        self.reads += 1
         arrival = time.time_ns()
         if self._decode is not None:
             chunk = self._decode(chunk)
@@ -282,25 +291,24 @@ class _StallWatch:
     """Fails a pump whose upstream has sent nothing for `upstream.idle_timeout`.
 
     Re-arming a timer on every read would put a timer on the hot path per event; instead
-    each read bumps the connection's counter, and a timer ticking four times per idle
-    period fails the pump once the counter has not moved for four ticks (so a stall ends
-    between 1 and 1.25 idle periods in).
+    each read bumps the pump's counter, and a timer ticking four times per idle period
+    fails the pump once the counter has not moved for four ticks (so a stall ends between
+    1 and 1.25 idle periods in).
     """
 
-    __slots__ = ("_connection", "_handle", "_loop", "_period", "_pump", "_quiet", "_seen")
+    __slots__ = ("_handle", "_loop", "_period", "_pump", "_quiet", "_seen")
     TICKS = 4
 
-    def __init__(self, idle: float, connection: UpstreamConnection, pump: Pump) -> None:
+    def __init__(self, idle: float, pump: Pump) -> None:
         self._loop = asyncio.get_running_loop()
-        self._connection = connection
         self._pump = pump
         self._period = idle / self.TICKS
-        self._seen = connection.reads
+        self._seen = pump.reads
         self._quiet = 0
         self._handle = self._loop.call_later(self._period, self._tick)
 
     def _tick(self) -> None:
-        reads = self._connection.reads
+        reads = self._pump.reads
         if reads != self._seen:
             self._seen = reads
             self._quiet = 0

@@ -183,7 +183,7 @@ class SSEFramer:
             number = self.next_id
             events = [
                 b"id: %d\n%b\n\n" % item
-                for item in zip(range(number, number + len(blocks)), blocks)
+                for item in zip(range(number, number + len(blocks)), blocks, strict=True)
             ]
             self.next_id = number + len(blocks)
             return b"".join(events), list(accumulate(map(len, events))), rest

@@ -86,7 +86,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._pieces: list[bytes] = []  # body pieces of the read being parsed
         self._until_close = False  # no length, not chunked: the body ends with the connection
         self._error: str | None = None
-        self.reads = 0  # bumped per read, for stall detection
         self.status = 0
         self.reason = ""
         self.headers: CIMultiDict[str] = CIMultiDict()
@@ -97,7 +96,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        self.reads += 1
         self._in_read = True
         try:
             self._parser.feed_data(data)
