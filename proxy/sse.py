@@ -173,11 +173,7 @@ class SSEFramer:
         # that starts with `data:` needs no further look (OpenAI chat sends only those).
         id_free = not buffer.startswith(b"id") and b"\nid" not in buffer
         event_ids = self.event_ids
-        if (
-            id_free
-            and event_ids
-            and all([block.startswith(b"data:") for block in blocks])
-        ):
+        if id_free and event_ids and all([block.startswith(b"data:") for block in blocks]):
             # The common read: every block is a plain `data:` event, framed by
             # comprehensions instead of the general loop below.
             number = self.next_id
