@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from time import monotonic_ns
 
 from proxy.config import StorageConfig
 from proxy.errors import SessionConflict, SessionNotFound
@@ -59,6 +60,9 @@ from proxy.storage.log import (
 logger = logging.getLogger("proxy.storage")
 
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
+# Appends closer than this to the previous write are batched to the end of the loop turn
+# (many streams' reads in one turn: one os.write); a lone append is written at once.
+_QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
 
 
@@ -92,6 +96,7 @@ class DiskStore:
         self._buf = bytearray()
         self._pending: list[Pending] = []
         self._write_scheduled = False
+        self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._followers: dict[str, list[Follower]] = {}
@@ -266,6 +271,10 @@ class DiskStore:
         self._pending.append(record)
         if len(self._buf) >= _WRITE_NOW_BYTES:
             self._write()
+        elif not self._write_scheduled and monotonic_ns() - self._last_write_ns > _QUIET_NS:
+            # A lone append (the log was quiet): write it now, inside the read that brought
+            # it, instead of paying a loop turn and an extra poll to batch it with nothing.
+            self._write()
         elif not self._write_scheduled:
             self._write_scheduled = True
             assert self._loop is not None, "DiskStore.start() was not awaited"
@@ -274,6 +283,7 @@ class DiskStore:
     def _write(self) -> None:
         """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
         self._write_scheduled = False
+        self._last_write_ns = monotonic_ns()
         if not self._pending:
             return
         buf, records = self._buf, self._pending
