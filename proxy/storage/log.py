@@ -34,6 +34,7 @@ OPEN, EVENTS, END, DELETE = 1, 2, 3, 4
 RECORD_TYPES = frozenset((OPEN, EVENTS, END, DELETE))
 _LENGTH_TYPE = struct.Struct("<IB")
 _CRC = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 _EVENTS_FIXED = struct.Struct("<QIQ")  # first_event, count, arrival_ns
 _U64 = struct.Struct("<Q")
 # The smallest limit on one record's payload; a batch is one upstream read, far below it.
@@ -104,8 +105,15 @@ def frame_events(
     ends: Sequence[int],
     data: bytes,
 ) -> int:
-    fixed = _EVENTS_FIXED.pack(first_event, len(ends), arrival_ns)
-    return _frame(buf, EVENTS, (key, fixed, ends_bytes(ends), data))
+    """The hot-path record: framed in one pass (one join, two crc32 calls, one header pack)."""
+    count = len(ends)
+    packed_ends = _U32.pack(ends[0]) if count == 1 else ends_bytes(ends)
+    payload = b"".join((key, _EVENTS_FIXED.pack(first_event, count, arrival_ns), packed_ends, data))
+    length = len(payload)
+    crc = zlib.crc32(payload, zlib.crc32(_LENGTH_TYPE.pack(length, EVENTS)))
+    buf += HEADER.pack(crc, length, EVENTS)
+    buf += payload
+    return HEADER.size + length
 
 
 def encode_meta(meta: SessionMeta) -> bytes:
