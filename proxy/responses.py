@@ -32,7 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from .access import may_access
-from .api import Api, parse_offset
+from .api import SESSION_ID, Api, parse_offset
 from .errors import ResponseNotFound, SessionNotFound, UpstreamBadResponse
 from .relay import (
     UpstreamRequest,
@@ -114,7 +114,7 @@ def latest_response_in(data: bytes) -> tuple[str, Json] | None:
     return None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Scan:
     """How far a session's events were looked through, and the newest Response found."""
 
@@ -143,7 +143,7 @@ class BackgroundResponses:
             if wants_stream:
                 return await api.forward(request, outgoing, requested_id)  # a replay
             api.check_repeat(request, info, outgoing)
-            return self._json(await self.snapshot(info), info.session_id)
+            return self._json(request, await self.snapshot(info), info.session_id)
         upstream, sent_ns = await send_upstream(api.client, api.upstream_url, upstream_request)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
@@ -158,7 +158,7 @@ class BackgroundResponses:
             raise UpstreamBadResponse(
                 "upstream's first event carried no Response id (expected response.created)"
             )
-        return self._json(created, session_id)
+        return self._json(request, created, session_id)
 
     async def _name_session(self, session_id: str) -> Json | None:
         """Wait for the session's first event and make its Response id the session's alias;
@@ -206,10 +206,11 @@ class BackgroundResponses:
             await self.api.delete(info.session_id)
             self._scans.pop((info.session_id, info.meta.created_ns), None)
             response_id = request.match_info["response_id"]
-            return web.json_response({"id": response_id, "object": "response", "deleted": True})
+            deleted = {"id": response_id, "object": "response", "deleted": True}
+            return self._json(request, deleted, info.session_id)
         if request.query.get("stream", "").lower() == "true":
             return await self.api._replay(request, info, _offset(request))
-        return self._json(await self.snapshot(info), info.session_id)
+        return self._json(request, await self.snapshot(info), info.session_id)
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         """Cancel the upstream read; on an ended Response, return it unchanged."""
@@ -218,7 +219,7 @@ class BackgroundResponses:
             return await self.api.proxy(request)
         if info.state == STREAMING:
             info = await self.api.cancel(info)
-        return self._json(await self.snapshot(info), info.session_id)
+        return self._json(request, await self.snapshot(info), info.session_id)
 
     async def _owned(self, request: web.Request) -> SessionInfo | None:
         """The session the path's Response id names; None if the proxy knows no such id (the
@@ -265,31 +266,36 @@ class BackgroundResponses:
         store = self.api.store
         session_id = info.session_id
         key = (session_id, info.meta.created_ns)
-        scan = self._scans.pop(key, None) or _Scan()
-        self._scans[key] = scan
-        if len(self._scans) > SCANS_KEPT:
-            self._scans.popitem(last=False)
+        scan = self._scans.get(key) or _Scan()
         if scan.events >= info.events:
+            self._scans.move_to_end(key)
             return scan.latest
+        latest = None
         if info.state != STREAMING:
             data, _ = await store.read(session_id, info.events, FIRST_EVENT_BYTES)
-            last = latest_response_in(data)
-            if last is not None and last[0] in TERMINAL:
-                scan.events, scan.latest = info.events, last
-                return last
-        next_event = scan.events + 1
-        while next_event <= info.events:
-            data, count = await store.read(session_id, next_event, SCAN_BYTES)
-            if not count:
-                break
-            found = latest_response_in(data)
-            if found is not None:
-                scan.latest = found
-            next_event += count
-        scan.events = next_event - 1
+            latest = latest_response_in(data)
+        if latest is not None and latest[0] in TERMINAL:
+            scan = _Scan(info.events, latest)
+        else:
+            next_event, latest = scan.events + 1, scan.latest
+            while next_event <= info.events:
+                data, count = await store.read(session_id, next_event, SCAN_BYTES)
+                if not count:
+                    break
+                latest = latest_response_in(data) or latest
+                next_event += count
+            scan = _Scan(next_event - 1, latest)
+        # Polls of one session may overlap: the scan that got furthest is the one kept.
+        kept = self._scans.get(key)
+        if kept is None or kept.events < scan.events:
+            self._scans[key] = scan
+            self._scans.move_to_end(key)
+            if len(self._scans) > SCANS_KEPT:
+                self._scans.popitem(last=False)
         return scan.latest
 
-    def _json(self, body: Json, session_id: str) -> web.Response:
+    def _json(self, request: web.Request, body: Json, session_id: str) -> web.Response:
+        request[SESSION_ID] = session_id  # for the access log
         response = web.json_response(body)
         response.headers[self.api.config.session.header] = session_id
         return response

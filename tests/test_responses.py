@@ -26,7 +26,7 @@ from openai import AsyncOpenAI
 
 from proxy.app import API
 from proxy.config import Config
-from proxy.mock_upstream import answer_tokens, serve_mock
+from proxy.mock_upstream import answer_tokens
 from proxy.relay import UpstreamRequest
 from proxy.responses import background_request, latest_response_in
 from proxy.sse import event_data, split_events
@@ -105,6 +105,17 @@ async def poll_status(client: AsyncOpenAI, response_id: str, status: str) -> Any
             return response
         await asyncio.sleep(0.05)
     raise AssertionError(f"{response_id} never reached {status}: {response.status}")
+
+
+async def take(stream: Any, count: int) -> list[Any]:
+    """The first `count` events of an SDK stream, which is then closed."""
+    events = []
+    async for event in stream:
+        events.append(event)
+        if len(events) == count:
+            break
+    await stream.close()
+    return events
 
 
 def deltas(events: list[Any]) -> str:
@@ -188,6 +199,8 @@ async def test_background_create_returns_before_the_answer_then_polling_complete
         assert created.background is True
         assert created.output == []
         done = await poll_status(client, created.id, "completed")
+        polls = await asyncio.gather(*(client.responses.retrieve(created.id) for _ in range(8)))
+    assert {poll.model_dump_json() for poll in polls} == {done.model_dump_json()}
     assert done.id == created.id
     assert done.output_text == full_text(40)
     assert done.background is True
@@ -206,12 +219,7 @@ async def test_background_stream_resumes_after_sequence_number_with_one_upstream
             stream=True,
             extra_body=mock_fields(30, 15),
         )
-        seen = []
-        async for event in stream:
-            seen.append(event)
-            if event.sequence_number == 9:
-                break
-        await stream.close()
+        seen = await take(stream, 10)
         response_id = seen[0].response.id
         assert [event.sequence_number for event in seen] == list(range(10))
         assert seen[0].type == "response.created"
@@ -338,15 +346,30 @@ async def test_unknown_ids_and_plain_creates_go_upstream_unchanged(proxy: Runnin
     assert calls[f"/v1/responses/{plain.id}"] == 1
 
 
-async def test_the_mock_refuses_background_mode_like_most_servers() -> None:
-    mock = await serve_mock(tokens=3, interval_ms=0)
-    try:
-        async with AsyncOpenAI(base_url=mock.url + "/v1", api_key="k", max_retries=0) as client:
-            with pytest.raises(openai.BadRequestError) as refused:
-                await client.responses.create(model="mock-gpt", input="x", background=True)
-        assert refused.value.body["param"] == "background"
-    finally:
-        await mock.close()
+@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+async def test_another_replica_resolves_the_id_streams_and_cancels_it(
+    tmp_path: Path, backend: dict[str, str]
+) -> None:
+    configs = [make_config(tmp_path / name, **backend) for name in ("a", "b")]
+    async with run_proxy(configs[0]) as a, run_proxy(configs[1]) as b:
+        async with sdk(a.url) as on_a, sdk(b.url) as on_b:
+            stream = await on_a.responses.create(
+                model="mock-gpt",
+                input=PROMPT,
+                background=True,
+                stream=True,
+                extra_body=mock_fields(2000, 10),
+            )
+            seen = await take(stream, 5)
+            response_id = seen[0].response.id
+            assert (await on_b.responses.retrieve(response_id)).status == "in_progress"
+            followed = await on_b.responses.retrieve(response_id, stream=True, starting_after=4)
+            tail = await take(followed, 5)
+            assert [event.sequence_number for event in tail] == [5, 6, 7, 8, 9]
+            assert (await on_b.responses.cancel(response_id)).status == "cancelled"
+            assert (await on_a.responses.retrieve(response_id)).status == "cancelled"
+        assert (await upstream_calls(a)).get("/v1/responses") == 1
+        assert await upstream_calls(b) == {}
 
 
 # --- what a poll sees while the answer is still coming ----------------------------------------
@@ -540,12 +563,7 @@ async def test_openai_node_retrieve_stream_starting_after_gets_the_rest(
             stream=True,
             extra_body=mock_fields(25, 10),
         )
-        seen = []
-        async for event in stream:
-            seen.append(event)
-            if event.sequence_number == 6:
-                break
-        await stream.close()
+        seen = await take(stream, 7)
     node = await asyncio.create_subprocess_exec(
         shutil.which("node") or "node",
         str(openai_node / "retrieve.mjs"),

@@ -14,9 +14,11 @@ Keys (all of one session share the hash tag `{id}`, so a Redis Cluster keeps the
   `state`, `reason`, `owner` (the replica reading the upstream), `events`, `bytes`, ... While
   a session streams its event count comes from the stream's last entry, so an append costs
   one `XADD` and nothing else.
-- `rp:alias:{<alias>}` holds the id of the session given that alias (`add_alias`; the meta
-  hash's `alias` field says which alias the session has, so a stale key resolves to nothing).
-  It expires with the session.
+- `rp:alias:{<alias>}` holds the id of the session given that alias (`add_alias`). The meta
+  hash's `alias` field says which alias the session has, and a key that names a session
+  which is gone or has another alias resolves to nothing, so a delete leaves the key to
+  expire. It takes the session's expiry when the session ends on the replica reading it;
+  when another replica marks the session `interrupted`, the key keeps its live expiry.
 - `rp:sessions` (sorted set, id -> created_ns) lists sessions; `rp:owned:<replica>` holds the
   sessions a replica streams; `rp:hb:<replica>` is its heartbeat (a key with a short TTL);
   `rp:replicas` names every replica that heartbeats; `rp:ctl:<replica>` is the pub/sub
