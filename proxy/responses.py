@@ -34,14 +34,8 @@ from aiohttp import web
 from .access import may_access
 from .api import SESSION_ID, Api, parse_offset
 from .errors import ResponseNotFound, SessionNotFound, UpstreamBadResponse
-from .relay import (
-    UpstreamRequest,
-    build_upstream_request,
-    is_event_stream,
-    relay_plain,
-    send_upstream,
-)
-from .sessions import error_message
+from .readers import error_message
+from .relay import UpstreamRequest, build_upstream_request, is_event_stream, relay_plain
 from .sse import event_data, split_events
 from .storage.base import (
     CANCELLED,
@@ -144,7 +138,7 @@ class BackgroundResponses:
                 return await api.forward(request, outgoing, requested_id)  # a replay
             api.check_repeat(request, info, outgoing)
             return self._json(request, await self.snapshot(info), info.session_id)
-        upstream, sent_ns = await send_upstream(api.client, api.upstream_url, upstream_request)
+        upstream, sent_ns = await api.send(upstream_request)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         # The session records the client's request, so a repeat of it replays this session.
