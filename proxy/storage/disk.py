@@ -35,8 +35,10 @@ from proxy.storage.base import (
     SessionMeta,
     StopHandler,
     StorageError,
+    check_alias,
 )
 from proxy.storage.log import (
+    ALIAS,
     DELETE,
     END,
     EVENTS,
@@ -48,6 +50,7 @@ from proxy.storage.log import (
     SessionLog,
     encode_index,
     encode_meta,
+    frame_alias,
     frame_delete,
     frame_end,
     frame_events,
@@ -247,6 +250,23 @@ class DiskStore:
         start = len(self._buf)
         length = frame_end(self._buf, slog.key, state, reason, ended_ns)
         self._queue(Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns)))
+
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        slog = self._live(session_id)
+        info = slog.info
+        assert info is not None
+        start = len(self._buf)
+        length = frame_alias(self._buf, slog.key, check_alias(alias))
+        self._queue(Pending(ALIAS, slog, start, length, 0, 0, 0, 0, alias))
+        aliases = self._log.aliases
+        if info.alias is not None and aliases.get(info.alias) == session_id:
+            del aliases[info.alias]
+        info.alias = alias
+        aliases[alias] = session_id
+        await self.flush()
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        return self._log.aliases.get(alias)
 
     async def flush(self) -> None:
         if self._loop is None or self._read_only:
@@ -536,6 +556,9 @@ class DiskStore:
     def _delete(self, slog: SessionLog, now_ns: int) -> None:
         del self._log.sessions[slog.session_id]
         slog.deleted = True
+        alias = slog.info.alias if slog.info is not None else None
+        if alias is not None and self._log.aliases.get(alias) == slog.session_id:
+            del self._log.aliases[alias]
         start = len(self._buf)
         length = frame_delete(self._buf, slog.key, now_ns)
         self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
