@@ -77,9 +77,6 @@ def test_reads_the_port_a_running_serve_was_configured_with(
     configured_proxy: tuple[subprocess.Popen[bytes], int],
 ) -> None:
     process, port = configured_proxy
-    serving = read_process(process.pid)
-    assert serving is not None
-    assert probe_address(serving_config(serving)) == ("127.0.0.1", port)
     for _ in range(150):
         healthy, reason = probe("127.0.0.1", port)
         if healthy or process.poll() is not None:
@@ -87,6 +84,18 @@ def test_reads_the_port_a_running_serve_was_configured_with(
         time.sleep(0.1)
     assert healthy, reason
     assert reason.startswith(f"GET /healthz on 127.0.0.1:{port}: 200 ")
+    # Read once it listens: right after the fork /proc still shows the parent's command line.
+    serving = read_process(process.pid)
+    assert serving is not None
+    assert serving.arguments == [
+        "--config",
+        "proxy.yaml",
+        "--data-dir",
+        "data",
+        "--host",
+        "127.0.0.1",
+    ]
+    assert probe_address(serving_config(serving)) == ("127.0.0.1", port)
 
 
 def test_probe_of_a_port_nobody_listens_on_is_unhealthy_with_the_reason() -> None:
