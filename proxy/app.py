@@ -160,7 +160,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
     manager = SessionManager(config, store, metrics)
-    app[API] = Api(config, manager, client, upstream_url, metrics)
+    token_key: bytes | None = None
+    if config.session.tokens:
+        secret = config.session.token_secret
+        token_key = secret.encode() if secret is not None else await store.token_secret()
+    app[API] = Api(config, manager, client, upstream_url, metrics, token_key)
     log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
     try:
         yield
