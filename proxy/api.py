@@ -51,7 +51,7 @@ from .sessions import (
     follow,
     new_session_id,
 )
-from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
+from .storage.base import COMPLETE, STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
 from .summary import iso_time, session_details, session_summary
 
 log = logging.getLogger("proxy.api")
@@ -250,9 +250,12 @@ class Api:
             offset = parse_offset(last_event_id, "Last-Event-ID")
         else:
             offset = parse_offset(request.query.get("offset", "0"), "offset")
-        if info.state != STREAMING and offset == info.events:
+        if info.state == COMPLETE and offset == info.events:
             # Nothing more will ever come. An EventSource stops reconnecting on a 204; on an
-            # empty 200 it would poll a finished session forever.
+            # empty 200 it would poll a finished session forever. A session that ended with
+            # an error still answers its final error event here: a client resuming right at
+            # the end (its proxy died, say) must learn that the answer is cut, not that it
+            # ended.
             request[SESSION_ID] = info.session_id
             return web.Response(status=204)
         return await self._replay(request, info, offset)

@@ -31,7 +31,7 @@
  * exponentially with jitter; after `retries` failures in a row without a new event, the error
  * that broke the stream is thrown, as it would have been without this module. A 404 (deleted,
  * expired, another credential) ends the retries at once. A clean end of the body, or a 204
- * from the proxy (the session had already ended there), is the end of the stream. A session
+ * from the proxy (the session had already completed there), is the end of the stream. A session
  * that ended failed, cancelled or interrupted ends with a data event `{"error": {...}}`, which
  * the OpenAI SDKs raise as `APIError`.
  *
@@ -41,7 +41,10 @@
  * that keeps what it rendered should pass its own `offset`; a page that keeps nothing passes
  * `offset: 0` and redraws from the log. Without a credential header `resumeStream` follows
  * with an `EventSource` and the token (an EventSource cannot send headers): it reconnects by
- * itself with `Last-Event-ID`, and stops when the proxy answers 204 at the end.
+ * itself with `Last-Event-ID`, and stops when the proxy answers 204 at the end of a complete
+ * session, or after the final error event of one that failed, was cancelled or interrupted
+ * (which the proxy answers at that end instead of a 204, so that no client mistakes a cut
+ * answer for a whole one).
  *
  * Options. resumingFetch: `fetch` (the one to wrap, default globalThis.fetch), `retries`
  * (default 5), `backoffMs` (100), `maxBackoffMs` (2000), `sessionHeader`. startStream and
@@ -427,6 +430,14 @@ async function* followEventSource(state, key, opts) {
         return;
       }
       const { event } = item;
+      if (isFinalError(event.data)) {
+        // A failed, cancelled or interrupted session: the proxy answers this event at every
+        // reconnect, so the source is closed here instead of reconnecting for it again.
+        state.done = true;
+        save();
+        yield event;
+        return;
+      }
       state.lastEventId = event.id !== undefined && /^\d+$/.test(event.id) ? Number(event.id) : state.lastEventId + 1;
       save();
       yield event;
@@ -434,6 +445,16 @@ async function* followEventSource(state, key, opts) {
   } finally {
     source.close();
     opts.signal?.removeEventListener("abort", abort);
+  }
+}
+
+/** Whether `data` is the proxy's final event of a session that did not complete. */
+function isFinalError(data) {
+  if (!data.startsWith('{"error"')) return false;
+  try {
+    return JSON.parse(data).error?.type === "resumable_proxy_error";
+  } catch {
+    return false;
   }
 }
 
