@@ -36,23 +36,21 @@ from .errors import (
     SessionNotFound,
 )
 from .metrics import Metrics
+from .readers import EventStreamResponse, follow
 from .relay import (
     UpstreamRequest,
     build_upstream_request,
     is_event_stream,
+    may_stream,
+    open_upstream_stream,
     relay_plain,
     response_headers,
     send_upstream,
 )
-from .sessions import (
-    EventStreamResponse,
-    SessionManager,
-    check_session_id,
-    follow,
-    new_session_id,
-)
+from .sessions import SessionManager, check_session_id, new_session_id
 from .storage.base import COMPLETE, STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
 from .summary import iso_time, session_details, session_summary
+from .upstream import Origin, UpstreamConnection
 
 log = logging.getLogger("proxy.api")
 
@@ -93,6 +91,7 @@ class Api:
     manager: SessionManager
     client: aiohttp.ClientSession
     upstream_url: str
+    origin: Origin
     metrics: Metrics
     token_key: bytes | None = None  # None: capability tokens are off (session.tokens)
 
@@ -112,7 +111,11 @@ class Api:
             info = await self.store.get(requested_id)
             if info is not None:
                 return await self._replay_repeat(request, info, outgoing)
-        upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
+        upstream: aiohttp.ClientResponse | UpstreamConnection
+        if may_stream(outgoing):
+            upstream, sent_ns = await open_upstream_stream(self.origin, outgoing, config.upstream)
+        else:
+            upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
@@ -121,7 +124,7 @@ class Api:
         self,
         request: web.Request,
         outgoing: UpstreamRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
         sent_ns: int,
         requested_id: str | None,
     ) -> web.StreamResponse:
@@ -199,14 +202,13 @@ class Api:
     ) -> web.StreamResponse:
         request[SESSION_ID] = session_id
         metrics = self.metrics
-        last_arrival_ns = self.manager.last_arrival_ns
-
         request[EVENTS_SENT] = 0
 
-        def on_write(count: int, live: bool) -> None:
+        def on_write(count: int, arrival_ns: int | None) -> None:
             request[EVENTS_SENT] += count
-            arrival = last_arrival_ns(session_id) if live else None
-            metrics.events_written(count, time.time_ns() - arrival if arrival else None)
+            metrics.events_written(
+                count, None if arrival_ns is None else time.time_ns() - arrival_ns
+            )
 
         metrics.reader_joined()
         try:

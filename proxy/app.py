@@ -9,6 +9,7 @@ mock close, in reverse order of start.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import time
@@ -33,6 +34,7 @@ from .sessions import SessionManager
 from .storage import open_store
 from .storage.base import StorageError
 from .storage.disk import DiskStore
+from .upstream import Origin
 
 log = logging.getLogger("proxy.app")
 access_log = logging.getLogger("proxy.access")
@@ -164,8 +166,11 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     if config.session.tokens:
         secret = config.session.token_secret
         token_key = secret.encode() if secret is not None else await store.token_secret()
-    app[API] = Api(config, manager, client, upstream_url, metrics, token_key)
+    app[API] = Api(
+        config, manager, client, upstream_url, Origin.parse(upstream_url), metrics, token_key
+    )
     log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
+    _settle_heap()
     try:
         yield
     finally:
@@ -173,6 +178,19 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         await store.close()
         if mock is not None:
             await mock.close()
+
+
+def _settle_heap() -> None:
+    """Keep the cyclic GC off the relay's back once start-up is done.
+
+    Everything alive now (modules, the recovered index) is moved out of the collector's
+    reach, and collections run after 20,000 net allocations instead of 700: per event the
+    relay allocates a handful of short-lived objects that reference counting frees, and a
+    young-generation pass every few hundred events was a steady source of p99 stalls.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)
 
 
 async def _shutdown(app: web.Application) -> None:

@@ -61,6 +61,24 @@ class SessionInfo:
         return self.meta.session_id
 
 
+class Follower(Protocol):
+    """A reader that is caught up with a live session and takes its next events pushed.
+
+    The store calls `push` from the point where a batch becomes readable (after its write,
+    or its fsync under `always`), synchronously, for every follower of the session: no task
+    wakes up per event. A follower that cannot take the batch at once (its client's buffer
+    is full, its client left, or the batch is not the one it expects next) returns False;
+    the store then drops it and calls `detach`, and the reader catches up at its own pace.
+    `detach` is also called when the session ends or is deleted.
+    """
+
+    next_event: int  # the event the follower expects next
+
+    def push(self, first_event: int, data: bytes, count: int, arrival_ns: int) -> bool: ...
+
+    def detach(self) -> None: ...
+
+
 class SessionStore(Protocol):
     """The storage contract; see `proxy/storage/FORMAT.md` for the disk log's layout."""
 
@@ -120,6 +138,17 @@ class SessionStore(Protocol):
     async def token_secret(self) -> bytes:
         """The key of capability tokens, made once and kept for good: in the data dir, or in
         the shared store so that every replica checks the others' tokens."""
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        """Push the session's events from `follower.next_event` on, as they become readable.
+
+        Only when that event is the next one to be logged (the follower has read everything
+        readable) and the session is streaming; False otherwise, or when the store cannot
+        push (then the reader waits and reads as before).
+        """
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        """Stop pushing to `follower` (no-op if it already left)."""
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         """Where stop requests from other replicas go (the local SessionManager.stop)."""

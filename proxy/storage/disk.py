@@ -29,6 +29,7 @@ from proxy.storage.base import (
     FAILED,
     INTERRUPTED,
     STREAMING,
+    Follower,
     SessionInfo,
     SessionMeta,
     StopHandler,
@@ -41,6 +42,7 @@ from proxy.storage.log import (
     OPEN,
     Log,
     Pending,
+    Run,
     Segment,
     SessionLog,
     encode_index,
@@ -93,6 +95,7 @@ class DiskStore:
         self._write_scheduled = False
         self._tails: dict[str, _Tail] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._followers: dict[str, list[Follower]] = {}
         self._dirty: dict[int, Segment] = {}  # segments written since their last fsync
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="proxy-storage-fsync")
         # Group commit (`always`): batches written but not yet covered by an fsync.
@@ -183,6 +186,9 @@ class DiskStore:
         for waiters in self._waiters.values():
             _wake(waiters)
         self._waiters.clear()
+        for followers in self._followers.values():
+            _detach(followers)
+        self._followers.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -217,7 +223,7 @@ class DiskStore:
         length = frame_events(self._buf, slog.key, first_event, arrival_ns, ends, data)
         count = len(ends)
         self._queue(
-            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), None)
+            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), data)
         )
         tail = self._tails.get(session_id)
         if tail is not None:
@@ -305,14 +311,18 @@ class DiskStore:
     def _seal(self, segment: Segment) -> None:
         assert self._loop is not None
         self._dirty.pop(segment.base, None)
-        index = encode_index(segment.size, segment.records, segment.runs)
-        segment.runs = []
+        # The index is encoded on the fsync thread, not here: a segment of 32 MiB can hold
+        # tens of thousands of runs, and encoding them on the loop stalled every live stream.
+        # The runs are handed over whole; the loop starts a fresh list for the next segment.
+        runs, segment.runs = segment.runs, []
         job = self._loop.run_in_executor(
             self._executor,
-            seal_segment,
+            _encode_and_seal,
             segment.fd,
             segment.index_path,
-            index,
+            segment.size,
+            segment.records,
+            runs,
             self._config.fsync != "never",
         )
         self._sealing.add(job)
@@ -361,8 +371,15 @@ class DiskStore:
         self._kick_fsync()
 
     def _publish(self, records: Sequence[Pending], error: str | None) -> None:
-        """Make written records visible: update the sessions' infos and wake their readers."""
+        """Make written records visible: update the sessions' infos, push new events to the
+        followers that are caught up, and wake the readers waiting for them.
+
+        This is the one point where an event becomes readable (after its `os.write`, or
+        after the fsync covering it under `always`), so it is also the only place a live
+        event is handed to clients: no client can see an event the log does not have.
+        """
         waiters = self._waiters
+        followers = self._followers
         for record in records:
             slog = record.slog
             info = slog.info
@@ -371,24 +388,51 @@ class DiskStore:
             if error is not None:
                 info.storage_error = error
             rtype = record.rtype
+            session_id = slog.session_id
             if rtype == EVENTS:
-                last = record.first_event + record.count - 1
+                first = record.first_event
+                last = first + record.count - 1
                 if last > info.events:
                     info.events = last
                 info.bytes += record.data_len
-                if record.first_event == 1:
+                if first == 1:
                     info.first_event_ns = record.stamp_ns
                 info.updated_ns = record.stamp_ns
+                live = followers.get(session_id)
+                if live and not slog.deleted:
+                    _push(live, first, record.extra, record.count, record.stamp_ns)
             elif rtype == END:
                 info.state, info.reason, info.updated_ns = record.extra
                 if info.storage_error is None:
-                    self._tails.pop(slog.session_id, None)
+                    self._tails.pop(session_id, None)
+                _detach(followers.pop(session_id, None))
             else:
                 continue
             if not slog.deleted:
-                woken = waiters.pop(slog.session_id, None)
+                woken = waiters.pop(session_id, None)
                 if woken:
                     _wake(woken)
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        slog = self._log.sessions.get(session_id)
+        info = None if slog is None else slog.info
+        if (
+            info is None
+            or info.state != STREAMING
+            or slog is None
+            or slog.ended
+            or info.events != follower.next_event - 1
+        ):
+            return False
+        self._followers.setdefault(session_id, []).append(follower)
+        return True
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        live = self._followers.get(session_id)
+        if live is not None and follower in live:
+            live.remove(follower)
+            if not live:
+                del self._followers[session_id]
 
     def _observe_fsync(self, seconds: float) -> None:
         if self.on_fsync is not None:
@@ -487,6 +531,7 @@ class DiskStore:
         length = frame_delete(self._buf, slog.key, now_ns)
         self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
         self._tails.pop(slog.session_id, None)
+        _detach(self._followers.pop(slog.session_id, None))
         waiters = self._waiters.pop(slog.session_id, None)
         if waiters:
             _wake(waiters)
@@ -595,6 +640,32 @@ def _read_key(path: Path) -> bytes:
     if len(key) != 32:
         raise StorageError(f"{path}: expected a 32-byte key, found {len(key)} bytes")
     return key
+
+
+def _encode_and_seal(
+    fd: int, index_path: Path, size: int, records: int, runs: list[Run], fsync: bool
+) -> None:
+    seal_segment(fd, index_path, encode_index(size, records, runs), fsync)
+
+
+def _push(followers: list[Follower], first: int, data: bytes, count: int, arrival_ns: int) -> None:
+    """Hand one batch to every caught-up follower; those that cannot take it leave."""
+    gone: list[Follower] | None = None
+    for follower in followers:
+        if not follower.push(first, data, count, arrival_ns):
+            if gone is None:
+                gone = []
+            gone.append(follower)
+    if gone is not None:
+        for follower in gone:
+            followers.remove(follower)
+            follower.detach()
+
+
+def _detach(followers: list[Follower] | None) -> None:
+    if followers:
+        for follower in followers:
+            follower.detach()
 
 
 def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:

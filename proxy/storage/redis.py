@@ -62,6 +62,7 @@ from ..errors import SessionConflict
 from .base import (
     FAILED,
     STREAMING,
+    Follower,
     SessionInfo,
     SessionMeta,
     StopHandler,
@@ -813,6 +814,13 @@ class RedisStore:
             raise StorageError(f"redis: {exc}") from None
 
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        """Not yet: readers of the Redis store wait on the stream and read."""
+        return False
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        return None
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         self._stop_handler = handler
