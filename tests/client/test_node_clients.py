@@ -191,3 +191,37 @@ async def test_use_chat_resume_recipe_replays_the_answer_instead_of_calling_the_
     assert out["saved"] == answer
     assert out["afterEnd"] == 204
     assert calls == 2  # the chat's one model call, and the direct answer above
+
+
+async def test_the_page_api_runs_in_node_and_resumes_across_cuts(
+    proxy: RunningProxy, workspace: Workspace
+) -> None:
+    """No sessionStorage and no location in Node: startStream still streams and resumes;
+    there is simply nothing saved to resume after a restart."""
+    async with cutting(proxy.url, CUTS) as box:
+        out = await run_json(
+            workspace, "tests/client/js/page_api.mjs", PROXY_URL=box.url, API_KEY=API_KEY,
+            PROMPT=PROMPT,
+        )  # fmt: skip
+    assert len(box.cut_connections()) == len(CUTS)
+    ids = [int(event["id"]) for event in out["events"]]
+    assert ids == list(range(1, len(ids) + 1)) and out["events"][-1]["data"] == "[DONE]"
+    async with httpx.AsyncClient() as client:
+        sessions = await client.get(
+            proxy.url + "/sessions", headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+    session_id = sessions.json()["data"][0]["id"]
+    logged = await logged_events(proxy, session_id)
+    assert [json.loads(event["data"]) for event in out["events"][:-1]] == logged
+    assert out["saved"] is None and out["resumed"] is None
+    assert await upstream_calls(proxy) == 1
+
+
+async def test_resuming_fetch_passes_only_whole_events_for_any_split_and_cut(
+    workspace: Workspace,
+) -> None:
+    """resumingFetch over generated streams with every line ending, split at every size from
+    1 to 9 bytes and at random, and cut at random points with a resume from the last event."""
+    out = await run_json(workspace, "tests/client/js/splits.mjs")
+    assert out["failures"] == []
+    assert out["cases"] >= 1000
