@@ -16,6 +16,7 @@ from importlib import resources
 import aiofiles
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from .access import (
     TOKEN_HEADER,
@@ -102,23 +103,35 @@ class Api:
     # --- the proxied catch-all -------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        config = self.config
-        requested_id = request.headers.get(config.session.header)
-        if requested_id is not None:
-            check_session_id(requested_id)
-        outgoing = await build_upstream_request(request, config)
+        requested_id = self.requested_id(request)
+        outgoing = await build_upstream_request(request, self.config)
+        return await self.forward(request, outgoing, requested_id)
+
+    def requested_id(self, request: web.Request) -> str | None:
+        """The session id the client chose (session header), checked; None if it chose none."""
+        requested_id = request.headers.get(self.config.session.header)
+        return None if requested_id is None else check_session_id(requested_id)
+
+    async def forward(
+        self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
+    ) -> web.StreamResponse:
+        """Replay the session the client named, or send the request upstream and relay it."""
         if requested_id is not None:
             info = await self.store.get(requested_id)
             if info is not None:
                 return await self._replay_repeat(request, info, outgoing)
-        upstream: aiohttp.ClientResponse | UpstreamConnection
-        if may_stream(outgoing):
-            upstream, sent_ns = await open_upstream_stream(self.origin, outgoing, config.upstream)
-        else:
-            upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
+        upstream, sent_ns = await self.send(outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
+
+    async def send(
+        self, outgoing: UpstreamRequest
+    ) -> tuple[aiohttp.ClientResponse | UpstreamConnection, int]:
+        """Send a request upstream; its response (headers read) and the wall time it was sent."""
+        if may_stream(outgoing):
+            return await open_upstream_stream(self.origin, outgoing, self.config.upstream)
+        return await send_upstream(self.client, self.upstream_url, outgoing)
 
     async def _start_stream(
         self,
@@ -128,6 +141,19 @@ class Api:
         sent_ns: int,
         requested_id: str | None,
     ) -> web.StreamResponse:
+        meta, headers = await self.open_session(request, outgoing, upstream, sent_ns, requested_id)
+        return await self.serve_new_session(request, upstream, headers, meta.session_id)
+
+    async def open_session(
+        self,
+        request: web.Request,
+        outgoing: UpstreamRequest,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
+        sent_ns: int,
+        requested_id: str | None,
+    ) -> tuple[SessionMeta, CIMultiDict[str]]:
+        """Log the stream as a new session and start its upstream read; the session's meta
+        and the headers its first reader gets."""
         config = self.config
         headers = response_headers(upstream, stream=True)
         meta = SessionMeta(
@@ -146,11 +172,21 @@ class Api:
             upstream.close()
             raise SessionConflict(f"session {requested_id} was created by another request")
         self.manager.start(meta, upstream)
+        return meta, headers
+
+    async def serve_new_session(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
+        headers: CIMultiDict[str],
+        session_id: str,
+    ) -> web.StreamResponse:
+        """The stream of a session just opened, to the client that asked for it."""
         response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
-        response.headers[config.session.header] = meta.session_id
-        self._add_token(response, meta.session_id)
-        return await self._serve_reader(request, response, meta.session_id, 0)
+        response.headers[self.config.session.header] = session_id
+        self._add_token(response, session_id)
+        return await self._serve_reader(request, response, session_id, 0)
 
     def _add_token(self, response: web.StreamResponse, session_id: str) -> None:
         if self.token_key is not None:
@@ -159,6 +195,17 @@ class Api:
     async def _replay_repeat(
         self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
     ) -> web.StreamResponse:
+        self.check_repeat(request, info, outgoing)
+        offset = 0
+        last_event_id = request.headers.get("Last-Event-ID")
+        if last_event_id is not None:
+            offset = parse_offset(last_event_id, "Last-Event-ID")
+        return await self._replay(request, info, offset)
+
+    def check_repeat(
+        self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
+    ) -> None:
+        """A repeat names an existing session: only its owner, and only the same request."""
         if not may_access(request, self.config, info):
             raise SessionNotFound("no such session")
         meta = info.meta
@@ -169,11 +216,6 @@ class Api:
                 f"session {meta.session_id} belongs to a different request "
                 f"({meta.method} {meta.path.split('?')[0]})"
             )
-        offset = 0
-        last_event_id = request.headers.get("Last-Event-ID")
-        if last_event_id is not None:
-            offset = parse_offset(last_event_id, "Last-Event-ID")
-        return await self._replay(request, info, offset)
 
     # --- replay ----------------------------------------------------------------------------
 
@@ -269,16 +311,23 @@ class Api:
 
     async def delete_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
-        await self.manager.stop(info.session_id, "cancelled", "deleted by a client")
-        await self.store.delete(info.session_id)
+        await self.delete(info.session_id)
         return web.json_response({"id": info.session_id, "deleted": True})
+
+    async def delete(self, session_id: str) -> None:
+        """Cancel the upstream read if it is live, then forget the session."""
+        await self.manager.stop(session_id, "cancelled", "deleted by a client")
+        await self.store.delete(session_id)
 
     async def cancel_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
+        return web.json_response(session_summary(await self.cancel(info)))
+
+    async def cancel(self, info: SessionInfo) -> SessionInfo:
+        """Cancel the upstream read (here or on the replica reading it); the session after."""
         await self.manager.stop(info.session_id, "cancelled", "cancelled by a client")
         await self.store.flush()
-        current = await self.store.get(info.session_id) or info
-        return web.json_response(session_summary(current))
+        return await self.store.get(info.session_id) or info
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         state = request.query.get("state")

@@ -14,6 +14,9 @@ as `extra_body={"mock_tokens": 5}`):
   `max_output_tokens` still cut it short, with finish reason `length` as the real API does.
 - `"mock_interval_ms": MS`: the pause between a stream's token events.
 
+Like most OpenAI-compatible servers, it refuses `"background": true` on `/v1/responses` with
+400 (the proxy serves background mode itself).
+
 `GET /mock/calls` returns how many requests each path received (`app["calls"]`), which is how a
 test proves that resuming a stream never called the upstream again.
 """
@@ -645,6 +648,14 @@ class MockApi:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
+        if body.get("background") is True:
+            # What vLLM, Ollama, LM Studio and most compatible servers do: the proxy has to
+            # serve background mode itself, and the tests prove it does.
+            raise InvalidRequest(
+                "Background mode is not supported by this server.",
+                param="background",
+                code="unsupported_parameter",
+            )
         answer = self.answer(body, _input_text(body.get("input")))
         if body.get("stream") is True:
             return await _send_stream(request, _response_stream(body, answer), answer.interval_s)

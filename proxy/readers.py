@@ -39,15 +39,18 @@ OnWrite = Callable[[int, int | None], None]
 """Called per write with the number of events and, for live events, their arrival time."""
 
 
+def error_message(state: str, reason: str) -> str:
+    """Why a session that did not complete ended, in words (error events and snapshots)."""
+    message = _ERROR_MESSAGES[state]
+    return f"{message}: {reason}" if reason else message
+
+
 def error_event(state: str, reason: str) -> bytes:
     """The final event of a replay of a session that did not complete.
 
     It has no `id:` line, so a client's last event id stays that of the last real event.
     """
-    message = _ERROR_MESSAGES[state]
-    if reason:
-        message = f"{message}: {reason}"
-    body = {"error": {"message": message, "type": ERROR_TYPE, "code": state}}
+    body = {"error": {"message": error_message(state, reason), "type": ERROR_TYPE, "code": state}}
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 

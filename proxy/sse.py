@@ -228,3 +228,27 @@ class SSEFramer:
         self.next_id = number
         rest = buffer[start:]
         return b"".join(parts), ends, rest
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """Logged events one by one, each with its blank line (what `feed` joined, split again).
+
+    Not for the relay: it is for the few places that look inside a logged event (the
+    Responses API's ids and snapshots), where a Python object per event is affordable.
+    """
+    events: list[bytes] = []
+    start = 0
+    for match in _BOUNDARY.finditer(data):
+        events.append(data[start : match.end()])
+        start = match.end()
+    return events
+
+
+def event_data(event: bytes) -> bytes:
+    """The value of an event's `data` field: its `data` lines joined by LF (WHATWG §9.2.6)."""
+    values: list[bytes] = []
+    for match in _LINE.finditer(event):
+        name, _, value = match.group().rstrip(b"\r\n").partition(b":")
+        if name == b"data":
+            values.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(values)

@@ -55,6 +55,7 @@ class SessionInfo:
     updated_ns: int = 0  # wall clock of the last record
     first_event_ns: int | None = None  # arrival time of event 1
     storage_error: str | None = None  # set when the store failed to keep some of it
+    alias: str | None = None  # a second name, learnt after the session opened (add_alias)
 
     @property
     def session_id(self) -> str:
@@ -121,6 +122,18 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
 
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        """Give a session a second name (one per session; the newest wins, for the session and
+        for the name). Returns once `resolve_alias` finds it on every replica, durably in the
+        sense of the fsync mode. The name lives and dies with the session.
+
+        This is how a Responses API id, known only from the stream's first event, names the
+        session that was opened before it: the OPEN record is long written by then.
+        """
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        """The id of the existing session this name was given to, or None."""
+
     async def list(self) -> list[SessionInfo]:
         """Every session, newest first."""
 
@@ -162,3 +175,11 @@ class SessionStore(Protocol):
 
 
 StopHandler = Callable[[str, str, str], Awaitable[bool]]
+
+
+def check_alias(alias: str) -> str:
+    """Aliases are printable ASCII without spaces, 1 to 255 characters: they go into record
+    payloads and Redis key names as they are."""
+    if not 0 < len(alias) < 256 or not alias.isascii() or not alias.isprintable() or " " in alias:
+        raise ValueError(f"invalid alias {alias[:40]!r}")
+    return alias

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from time import monotonic_ns
 
 from proxy.config import StorageConfig
 from proxy.errors import SessionConflict, SessionNotFound
@@ -34,8 +35,10 @@ from proxy.storage.base import (
     SessionMeta,
     StopHandler,
     StorageError,
+    check_alias,
 )
 from proxy.storage.log import (
+    ALIAS,
     DELETE,
     END,
     EVENTS,
@@ -47,6 +50,7 @@ from proxy.storage.log import (
     SessionLog,
     encode_index,
     encode_meta,
+    frame_alias,
     frame_delete,
     frame_end,
     frame_events,
@@ -59,6 +63,9 @@ from proxy.storage.log import (
 logger = logging.getLogger("proxy.storage")
 
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
+# Appends closer than this to the previous write are batched to the end of the loop turn
+# (many streams' reads in one turn: one os.write); a lone append is written at once.
+_QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
 TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
 
@@ -93,6 +100,7 @@ class DiskStore:
         self._buf = bytearray()
         self._pending: list[Pending] = []
         self._write_scheduled = False
+        self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._followers: dict[str, list[Follower]] = {}
@@ -244,6 +252,23 @@ class DiskStore:
         length = frame_end(self._buf, slog.key, state, reason, ended_ns)
         self._queue(Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns)))
 
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        slog = self._live(session_id)
+        info = slog.info
+        assert info is not None
+        start = len(self._buf)
+        length = frame_alias(self._buf, slog.key, check_alias(alias))
+        self._queue(Pending(ALIAS, slog, start, length, 0, 0, 0, 0, alias))
+        aliases = self._log.aliases
+        if info.alias is not None and aliases.get(info.alias) == session_id:
+            del aliases[info.alias]
+        info.alias = alias
+        aliases[alias] = session_id
+        await self.flush()
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        return self._log.aliases.get(alias)
+
     async def flush(self) -> None:
         if self._loop is None or self._read_only:
             return
@@ -267,6 +292,10 @@ class DiskStore:
         self._pending.append(record)
         if len(self._buf) >= _WRITE_NOW_BYTES:
             self._write()
+        elif not self._write_scheduled and monotonic_ns() - self._last_write_ns > _QUIET_NS:
+            # A lone append (the log was quiet): write it now, inside the read that brought
+            # it, instead of paying a loop turn and an extra poll to batch it with nothing.
+            self._write()
         elif not self._write_scheduled:
             self._write_scheduled = True
             assert self._loop is not None, "DiskStore.start() was not awaited"
@@ -275,6 +304,7 @@ class DiskStore:
     def _write(self) -> None:
         """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
         self._write_scheduled = False
+        self._last_write_ns = monotonic_ns()
         if not self._pending:
             return
         buf, records = self._buf, self._pending
@@ -527,6 +557,9 @@ class DiskStore:
     def _delete(self, slog: SessionLog, now_ns: int) -> None:
         del self._log.sessions[slog.session_id]
         slog.deleted = True
+        alias = slog.info.alias if slog.info is not None else None
+        if alias is not None and self._log.aliases.get(alias) == slog.session_id:
+            del self._log.aliases[alias]
         start = len(self._buf)
         length = frame_delete(self._buf, slog.key, now_ns)
         self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
