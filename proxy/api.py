@@ -5,6 +5,8 @@ Handlers raise `ProxyError`s; the error middleware in `app.py` turns them into J
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import time
@@ -16,7 +18,15 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .access import credential_digest, is_admin, may_access
+from .access import (
+    TOKEN_HEADER,
+    credential,
+    credential_digest,
+    is_admin,
+    may_access,
+    session_token,
+    token_opens,
+)
 from .config import Config
 from .errors import (
     InvalidOffset,
@@ -39,7 +49,7 @@ from .relay import (
     send_upstream,
 )
 from .sessions import SessionManager, check_session_id, new_session_id
-from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
+from .storage.base import COMPLETE, STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
 from .summary import iso_time, session_details, session_summary
 from .upstream import Origin, UpstreamConnection
 
@@ -53,6 +63,20 @@ _OFFSET = re.compile(r"^\s*(\d{1,18})\s*$", re.ASCII)  # `\d` alone takes "٣" a
 _REPLAY_HEADERS = frozenset(
     {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
 )
+
+
+def body_digest(body: bytes) -> str:
+    """What a repeat must match: the JSON value when the body is JSON, else the bytes.
+
+    SDKs and apps rebuild a request from the same data with keys in another order or other
+    spacing; hashing canonical JSON (sorted keys, no whitespace) makes those repeats replay.
+    """
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return hashlib.sha256(body).hexdigest()
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def parse_offset(value: str, source: str) -> int:
@@ -70,6 +94,7 @@ class Api:
     upstream_url: str
     origin: Origin
     metrics: Metrics
+    token_key: bytes | None = None  # None: capability tokens are off (session.tokens)
 
     @property
     def store(self) -> SessionStore:
@@ -135,7 +160,7 @@ class Api:
             session_id=requested_id or new_session_id(),
             method=outgoing.method,
             path=outgoing.path,
-            body_sha256=outgoing.body_sha256,
+            body_sha256=body_digest(outgoing.body),
             credential_sha256=credential_digest(request, config),
             created_ns=sent_ns,
             request_ns=sent_ns,
@@ -160,7 +185,12 @@ class Api:
         response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
         response.headers[self.config.session.header] = session_id
+        self._add_token(response, session_id)
         return await self._serve_reader(request, response, session_id, 0)
+
+    def _add_token(self, response: web.StreamResponse, session_id: str) -> None:
+        if self.token_key is not None:
+            response.headers[TOKEN_HEADER] = session_token(self.token_key, session_id)
 
     async def _replay_repeat(
         self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
@@ -179,11 +209,9 @@ class Api:
         if not may_access(request, self.config, info):
             raise SessionNotFound("no such session")
         meta = info.meta
-        if (meta.method, meta.path, meta.body_sha256) != (
-            outgoing.method,
-            outgoing.path,
-            outgoing.body_sha256,
-        ):
+        # Sessions logged before bodies were hashed as JSON hold the hash of the raw bytes.
+        same_body = meta.body_sha256 in (body_digest(outgoing.body), outgoing.body_sha256)
+        if (meta.method, meta.path) != (outgoing.method, outgoing.path) or not same_body:
             raise SessionConflict(
                 f"session {meta.session_id} belongs to a different request "
                 f"({meta.method} {meta.path.split('?')[0]})"
@@ -208,6 +236,7 @@ class Api:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.headers[self.config.session.header] = info.session_id
+        self._add_token(response, info.session_id)
         return await self._serve_reader(request, response, info.session_id, offset)
 
     async def _serve_reader(
@@ -244,20 +273,35 @@ class Api:
 
     # --- owned paths -----------------------------------------------------------------------
 
-    async def _owned_session(self, request: web.Request) -> SessionInfo:
+    async def _owned_session(self, request: web.Request, *, token: bool = False) -> SessionInfo:
+        """The session of the path, if the caller may see it; `token`: its capability token
+        (`?token=`) opens it too, which only the events path allows."""
         session_id = check_session_id(request.match_info["session_id"])
         info = await self.store.get(session_id)
-        if info is None or not may_access(request, self.config, info):
+        if info is None:
+            raise SessionNotFound("no such session")
+        presented = request.query.get("token") if token else None
+        if presented is not None and token_opens(self.token_key, session_id, presented):
+            return info
+        if not may_access(request, self.config, info):
             raise SessionNotFound("no such session")
         return info
 
     async def session_events(self, request: web.Request) -> web.StreamResponse:
-        info = await self._owned_session(request)
+        info = await self._owned_session(request, token=True)
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:
             offset = parse_offset(last_event_id, "Last-Event-ID")
         else:
             offset = parse_offset(request.query.get("offset", "0"), "offset")
+        if info.state == COMPLETE and offset == info.events:
+            # Nothing more will ever come. An EventSource stops reconnecting on a 204; on an
+            # empty 200 it would poll a finished session forever. A session that ended with
+            # an error still answers its final error event here: a client resuming right at
+            # the end (its proxy died, say) must learn that the answer is cut, not that it
+            # ended.
+            request[SESSION_ID] = info.session_id
+            return web.Response(status=204)
         return await self._replay(request, info, offset)
 
     async def get_session(self, request: web.Request) -> web.Response:
@@ -290,7 +334,7 @@ class Api:
         if state is not None and state not in STATES:
             raise InvalidState(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
         admin = is_admin(request, self.config)
-        if not admin and self.config.session.bind_header not in request.headers:
+        if not admin and credential(request, self.config) is None:
             raise NotFound("no sessions for this caller")
         caller = credential_digest(request, self.config)
         sessions = [

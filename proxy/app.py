@@ -167,7 +167,13 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
     manager = SessionManager(config, store, metrics)
-    app[API] = Api(config, manager, client, upstream_url, Origin.parse(upstream_url), metrics)
+    token_key: bytes | None = None
+    if config.session.tokens:
+        secret = config.session.token_secret
+        token_key = secret.encode() if secret is not None else await store.token_secret()
+    app[API] = Api(
+        config, manager, client, upstream_url, Origin.parse(upstream_url), metrics, token_key
+    )
     app[RESPONSES] = BackgroundResponses(app[API])
     log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
     _settle_heap()

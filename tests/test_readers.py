@@ -30,6 +30,7 @@ from proxy.storage.disk import DiskStore
 from .helpers import ROOT, ScriptedUpstream, event_ids, free_port, mock_stream_body, read_sse
 
 EVENT = b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n'
+AUTH = {"Authorization": "Bearer sk-test"}  # sessions are readable only with their credential
 
 
 def events(n: int, pad: int = 0) -> list[bytes]:
@@ -45,7 +46,7 @@ async def _raw_request(port: int, body: bytes, rcvbuf: int) -> tuple[socket.sock
     await loop.sock_connect(sock, ("127.0.0.1", port))
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % len(body)
+        b"Authorization: Bearer sk-test\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
     await loop.sock_sendall(sock, head + body)
     return sock, head
@@ -96,7 +97,7 @@ async def test_reader_stalled_behind_a_full_socket_slows_no_one_and_loses_nothin
             for line in head.split(b"\r\n")
             if line.lower().startswith(b"x-resume-session-id")
         )
-        async with aiohttp.ClientSession() as client:
+        async with aiohttp.ClientSession(headers=AUTH) as client:
             url = f"{proxy.url}/sessions/{session_id}/events?offset=0"
             fast = await asyncio.gather(*(read_sse(client, url) for _ in range(5)))
             for response, data in fast:
@@ -119,7 +120,7 @@ async def test_readers_joining_at_the_live_edge_get_no_gap_and_no_duplicate(
 ) -> None:
     tokens = 300
     rng = random.Random(7)
-    async with proxy_for(config_for()) as proxy, aiohttp.ClientSession() as client:
+    async with proxy_for(config_for()) as proxy, aiohttp.ClientSession(headers=AUTH) as client:
         async with asyncio.timeout(60):
             response = await client.post(
                 proxy.base_url + "/chat/completions", json=mock_stream_body(tokens, 5)

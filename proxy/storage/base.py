@@ -35,8 +35,8 @@ class SessionMeta:
     session_id: str
     method: str
     path: str  # path and query string, as the client sent them
-    body_sha256: str  # hex digest of the request body (409 on a differing repeat)
-    credential_sha256: str  # hex digest of the bind header's value, "" when absent
+    body_sha256: str  # hex digest of the request body, canonical JSON when it parses as JSON
+    credential_sha256: str  # hex digest of the caller's credential, "" when absent
     created_ns: int  # wall clock, time.time_ns(), when the request arrived
     request_ns: int  # wall clock when the request was sent upstream (base of ttft)
     upstream_status: int
@@ -147,6 +147,10 @@ class SessionStore(Protocol):
 
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
         """(first_event, count, arrival_ns) per logged batch, for the latency figures."""
+
+    async def token_secret(self) -> bytes:
+        """The key of capability tokens, made once and kept for good: in the data dir, or in
+        the shared store so that every replica checks the others' tokens."""
 
     def follow_live(self, session_id: str, follower: Follower) -> bool:
         """Push the session's events from `follower.next_event` on, as they become readable.

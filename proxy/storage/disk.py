@@ -67,6 +67,7 @@ _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at t
 # (many streams' reads in one turn: one os.write); a lone append is written at once.
 _QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
+TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
 
 
 @dataclass(slots=True)
@@ -630,8 +631,48 @@ class DiskStore:
         """One process owns the data dir (the lock), so every live session is read here and
         stop requests never come from elsewhere."""
 
+    async def token_secret(self) -> bytes:
+        """Made on the first start and kept beside the log, so tokens outlive restarts."""
+        return await asyncio.to_thread(load_or_create_key, self._directory / TOKEN_KEY_FILE)
+
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
         return False
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The key in `path`, or a new random one put there.
+
+    The key is written whole to a temporary file first and then linked into place, so a crash
+    at any moment leaves either no key or a complete one, never a short one that would change
+    every token after the restart; `link` fails if another process got there first.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        return _read_key(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise StorageError(f"{path}: expected a 32-byte key, found {len(key)} bytes")
+    return key
 
 
 def _encode_and_seal(

@@ -23,6 +23,8 @@ Keys (all of one session share the hash tag `{id}`, so a Redis Cluster keeps the
   sessions a replica streams; `rp:hb:<replica>` is its heartbeat (a key with a short TTL);
   `rp:replicas` names every replica that heartbeats; `rp:ctl:<replica>` is the pub/sub
   channel where stop requests for its sessions (and answers to its own requests) arrive.
+- `rp:token-key` is the capability-token key (hex), set once with `SET NX` by the first
+  replica that starts, so every replica checks every other's tokens. It never expires.
 
 Timing: appends are queued and one pipeline per loop turn writes them (group commit); local
 readers are woken when Redis has acknowledged it, and read the newest events from a small
@@ -82,6 +84,7 @@ LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no ke
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
 INDEX = "rp:sessions"
 REPLICAS = "rp:replicas"
+TOKEN_KEY = "rp:token-key"
 _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
@@ -840,6 +843,13 @@ class RedisStore:
         pipe.delete(_meta_key(session_id), _events_key(session_id))
         pipe.zrem(INDEX, session_id)
         await self._call(pipe.execute())
+
+    async def token_secret(self) -> bytes:
+        """The first replica's random key wins the `SET NX`; every replica then reads it."""
+        client = self._client()
+        await self._call(client.set(TOKEN_KEY, secrets.token_hex(32), nx=True))
+        stored = await self._call(client.get(TOKEN_KEY))
+        return bytes.fromhex(stored.decode("ascii"))
 
     async def _call(self, awaitable: Any) -> Any:
         """Await one Redis call; its failure is a StorageError to the sessions layer."""
