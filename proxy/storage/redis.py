@@ -14,8 +14,8 @@ slot and every script touches one slot:
   (no `d`) marks the end; a reader blocked in `XREAD` on another process wakes for it
   exactly as for new events.
 - `rp:{id}:meta` is a hash written at create and at end: `meta` (the SessionMeta as JSON),
-  `state`, `reason`, `owner` (the process reading the upstream), `events`, `bytes`, ...
-  While a session streams its event count comes from the stream's last entry, so an append
+  `state`, `reason`, `owner` (the process reading the upstream), `events`, `bytes`, `alias`,
+  ... While a session streams its event count comes from the stream's last entry, so an append
   costs one `XADD` and nothing else. The create script refuses an id whose hash holds other
   metadata: that is how two processes choosing the same client id at once are arbitrated.
 
@@ -27,6 +27,14 @@ process that heartbeats; `rp:hb:<replica>` is its heartbeat (a key with a short 
 stop requests for its sessions, and answers to its own requests, arrive (a Stream rather
 than pub/sub: it behaves the same on one Redis and on a Cluster, and a message sent while
 the reader reconnects after a failover waits for it).
+
+- `rp:alias:{<alias>}` holds the id of the session given that alias (`add_alias`). The meta
+  hash's `alias` field says which alias the session has, and a key that names a session
+  which is gone or has another alias resolves to nothing, so a delete leaves the key to
+  expire. It takes the session's expiry when the session ends on the process reading it;
+  when another process marks the session `interrupted`, the key keeps its live expiry.
+- `rp:token-key` is the capability-token key (hex), set once with `SET NX` by the first
+  process that starts, so every process checks every other's tokens. It never expires.
 
 Writing. Appends are queued and written once per loop turn (group commit), one pipeline per
 Redis primary on a connection of its own: every batch of every session on that primary goes
@@ -90,14 +98,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..config import StorageConfig
-from ..errors import SessionConflict
+from ..errors import SessionConflict, SessionNotFound
 from .base import (
     FAILED,
     STREAMING,
+    Follower,
     SessionInfo,
     SessionMeta,
     StopHandler,
     StorageError,
+    check_alias,
 )
 from .wire import Address, Arg, ReplyError, WireConnection
 
@@ -116,6 +126,7 @@ WAIT_TIMEOUT_MS = 100  # WAIT's bound when a primary has fewer replicas than ask
 REMOTE_IDLE = 30.0  # a followed session nobody waited on for this long leaves memory
 INDEX = "rp:sessions"
 REPLICAS = "rp:replicas"
+TOKEN_KEY = "rp:token-key"
 _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
@@ -263,6 +274,10 @@ def _events_key(session_id: str) -> str:
     return f"rp:{{{session_id}}}:events"
 
 
+def _alias_key(alias: str) -> str:
+    return f"rp:alias:{{{alias}}}"
+
+
 def _heartbeat_key(replica: str) -> str:
     return f"rp:hb:{replica}"
 
@@ -380,6 +395,7 @@ def _info_from(fields: dict[bytes, bytes], last: list[Any]) -> SessionInfo | Non
         updated_ns=int(fields.get(b"updated_ns", meta.created_ns)),
         first_event_ns=int(first_ns) if first_ns else None,
         storage_error=fields[b"storage_error"].decode() if b"storage_error" in fields else None,
+        alias=fields[b"alias"].decode() if b"alias" in fields else None,
     )
     if state == STREAMING and last:
         entry_id, entry = last[0]
@@ -412,6 +428,7 @@ class _Live:
     lost: str | None = None  # why Redis stopped receiving this session's writes
     settled: bool = False  # its `failed` end is in Redis
     deleted: bool = False
+    alias: str | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
 
     def wake(self) -> None:
@@ -882,6 +899,8 @@ class RedisStore:
         for live, _, _, _ in unit.ends:
             if live.lost is None and not live.deleted:
                 pipe.srem(owned, live.info.session_id)
+                if live.alias is not None:
+                    pipe.pexpire(_alias_key(live.alias), self._ttl_ms)
         if not len(pipe):
             return None
         try:
@@ -907,6 +926,43 @@ class RedisStore:
             first_ns if first_ns is not None else "",
             self._ttl_ms,
         )
+
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        """Written at once, not with the next flush: the caller waits for it anyway, and only
+        after the session's own keys are in Redis may a name point at them."""
+        check_alias(alias)
+        await self.flush()
+        live = self._live.get(session_id)
+        if live is not None:
+            if live.lost is not None:
+                raise StorageError(f"session {session_id}: {live.lost}")
+            live.alias = live.info.alias = alias
+            expiry = self._live_expiry_ms
+        elif await self.get(session_id) is None:
+            raise SessionNotFound(f"session {session_id} not found")
+        else:
+            expiry = self._ttl_ms  # it ended already; its keys have their final expiry
+        meta_key = _meta_key(session_id)
+        self._followed.pop(session_id, None)  # its cached hash lacks the alias
+        # The HSET keeps the hash's expiry (NX gives one only to a hash that expired just
+        # before it); the alias key is its own slot on a Cluster, a command of its own.
+        await self._pipeline(
+            lambda pipe: (
+                pipe.hset(meta_key, "alias", alias)
+                .pexpire(meta_key, expiry, nx=True)
+                .set(_alias_key(alias), session_id, px=expiry)
+            )
+        )
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        key = _alias_key(alias)
+        raw = await self._call(lambda client: client.get(key))
+        if raw is None:
+            return None
+        session_id: str = raw.decode()
+        live = self._live.get(session_id)
+        info = live.info if live is not None else (await self._fetch(session_id))[0]
+        return session_id if info is not None and info.alias == alias else None
 
     def _apply(self, unit: _Unit, error: str | None) -> None:
         """Make what was written (or, Redis failing, what local readers may still have)
@@ -1235,6 +1291,13 @@ class RedisStore:
             )
         )
 
+    async def token_secret(self) -> bytes:
+        """The first process's random key wins the `SET NX`; every process then reads it."""
+        proposed = secrets.token_hex(32)
+        await self._call(lambda client: client.set(TOKEN_KEY, proposed, nx=True))
+        stored = await self._call(lambda client: client.get(TOKEN_KEY))
+        return bytes.fromhex(stored.decode("ascii"))
+
     async def _call(self, command: Callable[[Client], Awaitable[Any]]) -> Any:
         """One Redis call; its failure is a StorageError to the sessions layer. On a Cluster
         a failure that a failover explains is retried for up to FAILOVER_WINDOW seconds, so
@@ -1265,6 +1328,13 @@ class RedisStore:
         return result
 
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        """Not yet: readers of the Redis store wait on the stream and read."""
+        return False
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        return None
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         self._stop_handler = handler
