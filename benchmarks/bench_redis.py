@@ -12,9 +12,10 @@ reads, like a resuming client.
 
 The paced rows are the hot path as a proxy sees it: 100 sessions each appending one event
 every 20 ms (5,000 events/s, as in run.py's latency workload), every session followed by one
-reader that does what `proxy.sessions.follow` does (read, else get, else wait). Readers are on
-the owning store ("local": served from its memory) or on a second store ("remote": another
-replica, woken by Redis). Each row gives the delay from `append` to the reader holding the
+reader that does what `proxy.readers.follow` does (read; once caught up, take pushed events
+where the store pushes them, else wait and read again). Readers are on the owning store
+("local": pushed from its memory as Redis acknowledges) or on a second store ("remote":
+another replica, woken by its XREAD). Each row gives the delay from `append` to the reader holding the
 event (p50/p99), this process's CPU per event (writers and readers together) and, with its
 own redis-server, that server's CPU per event and the Redis calls per event by kind. The
 same local row on the disk store (`fsync: interval`) is the baseline the Redis store is held
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shutil
 import tempfile
@@ -136,10 +138,36 @@ async def _command_calls(url: str) -> dict[str, int]:
     return {name[len("cmdstat_") :]: int(row["calls"]) for name, row in stats.items()}
 
 
+class _Pushed:
+    """A caught-up reader the store pushes events to (`proxy.readers.LiveWriter`'s part in
+    `follow_live`), recording each event's delay instead of writing it to a client."""
+
+    def __init__(self, next_event: int, sent: list[int], delays: list[float]) -> None:
+        self.next_event = next_event
+        self._sent = sent
+        self._delays = delays
+        self.detached = asyncio.get_running_loop().create_future()
+
+    def push(self, first_event: int, data: bytes, count: int, arrival_ns: int) -> bool:
+        if first_event != self.next_event:
+            return False
+        now = time.perf_counter_ns()
+        self._delays.extend(
+            (now - self._sent[n]) / 1e6 for n in range(first_event, first_event + count)
+        )
+        self.next_event += count
+        return True
+
+    def detach(self) -> None:
+        if not self.detached.done():
+            self.detached.set_result(None)
+
+
 async def _follow(
     store: SessionStore, session_id: str, sent: list[int], delays: list[float]
 ) -> None:
-    """What `proxy.sessions.follow` asks of a store, without the HTTP around it."""
+    """What `proxy.readers.follow` asks of a store, without the HTTP around it: read until
+    caught up, then take pushed events where the store pushes, else wait and read."""
     next_event = 1
     while True:
         _, count = await store.read(session_id, next_event, 256 * 1024)
@@ -152,6 +180,15 @@ async def _follow(
         if info is None or (info.state != STREAMING and info.events < next_event):
             return
         if info.state != STREAMING:
+            continue
+        pushed = _Pushed(next_event, sent, delays)
+        if store.follow_live(session_id, pushed):
+            try:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(pushed.detached), 15.0)
+            finally:
+                store.unfollow(session_id, pushed)
+            next_event = pushed.next_event
             continue
         await store.wait(session_id, next_event - 1, 15.0)
 

@@ -191,3 +191,25 @@ def check_alias(alias: str) -> str:
     if not 0 < len(alias) < 256 or not alias.isascii() or not alias.isprintable() or " " in alias:
         raise ValueError(f"invalid alias {alias[:40]!r}")
     return alias
+
+
+def push_batch(
+    followers: list[Follower], first: int, data: bytes, count: int, arrival_ns: int
+) -> None:
+    """Hand one batch to every caught-up follower; those that cannot take it leave."""
+    gone: list[Follower] | None = None
+    for follower in followers:
+        if not follower.push(first, data, count, arrival_ns):
+            if gone is None:
+                gone = []
+            gone.append(follower)
+    if gone is not None:
+        for follower in gone:
+            followers.remove(follower)
+            follower.detach()
+
+
+def detach_all(followers: list[Follower] | None) -> None:
+    if followers:
+        for follower in followers:
+            follower.detach()

@@ -36,6 +36,8 @@ from proxy.storage.base import (
     StopHandler,
     StorageError,
     check_alias,
+    detach_all,
+    push_batch,
 )
 from proxy.storage.log import (
     ALIAS,
@@ -195,7 +197,7 @@ class DiskStore:
             _wake(waiters)
         self._waiters.clear()
         for followers in self._followers.values():
-            _detach(followers)
+            detach_all(followers)
         self._followers.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
@@ -436,12 +438,12 @@ class DiskStore:
                 info.updated_ns = record.stamp_ns
                 live = followers.get(session_id)
                 if live and not slog.deleted:
-                    _push(live, first, record.extra, record.count, record.stamp_ns)
+                    push_batch(live, first, record.extra, record.count, record.stamp_ns)
             elif rtype == END:
                 info.state, info.reason, info.updated_ns = record.extra
                 if info.storage_error is None:
                     self._tails.pop(session_id, None)
-                _detach(followers.pop(session_id, None))
+                detach_all(followers.pop(session_id, None))
             else:
                 continue
             if not slog.deleted:
@@ -570,7 +572,7 @@ class DiskStore:
         length = frame_delete(self._buf, slog.key, now_ns)
         self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
         self._tails.pop(slog.session_id, None)
-        _detach(self._followers.pop(slog.session_id, None))
+        detach_all(self._followers.pop(slog.session_id, None))
         waiters = self._waiters.pop(slog.session_id, None)
         if waiters:
             _wake(waiters)
@@ -685,26 +687,6 @@ def _encode_and_seal(
     fd: int, index_path: Path, size: int, records: int, runs: list[Run], fsync: bool
 ) -> None:
     seal_segment(fd, index_path, encode_index(size, records, runs), fsync)
-
-
-def _push(followers: list[Follower], first: int, data: bytes, count: int, arrival_ns: int) -> None:
-    """Hand one batch to every caught-up follower; those that cannot take it leave."""
-    gone: list[Follower] | None = None
-    for follower in followers:
-        if not follower.push(first, data, count, arrival_ns):
-            if gone is None:
-                gone = []
-            gone.append(follower)
-    if gone is not None:
-        for follower in gone:
-            followers.remove(follower)
-            follower.detach()
-
-
-def _detach(followers: list[Follower] | None) -> None:
-    if followers:
-        for follower in followers:
-            follower.detach()
 
 
 def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:

@@ -66,7 +66,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 import sys
 import time
 from array import array
@@ -108,6 +107,8 @@ from .base import (
     StopHandler,
     StorageError,
     check_alias,
+    detach_all,
+    push_batch,
 )
 from .wire import Address, Arg, ReplyError, WireConnection
 
@@ -147,35 +148,12 @@ _TRANSIENT = (  # what a Cluster failover looks like to a client, retried on a C
 # Scripts go by EVAL, not EVALSHA: Redis caches them by digest anyway, and a restarted Redis
 # (which forgot every loaded script) needs no NOSCRIPT dance.
 
-# Every batch of one flush for one primary, packed by `_write` into one argument (a uint32
-# header of six lengths, then the stream key, entry id, ends, data, byte count and arrival
-# time): one command per flush instead of one XADD per batch, because redis-py spends far
-# more time packing and parsing a command than Redis spends running it. The keys are not
-# declared (a declared key list would have to share one slot); the script runs on the primary
-# that serves all of them, which an old-style (no shebang) script may do on a Cluster too. A
-# batch Redis already has (a retried write) fails its XADD, which is what the entry ids are for.
-_BATCH_HEAD = struct.Struct("<6I")
-_APPEND = """
-local blob = ARGV[1]
-local pos = 1
-while pos <= #blob do
-  local kl, il, el, dl, bl, tl, p = struct.unpack('<I4I4I4I4I4I4', blob, pos)
-  local key = string.sub(blob, p, p + kl - 1); p = p + kl
-  local id = string.sub(blob, p, p + il - 1); p = p + il
-  local e = string.sub(blob, p, p + el - 1); p = p + el
-  local d = string.sub(blob, p, p + dl - 1); p = p + dl
-  local b = string.sub(blob, p, p + bl - 1); p = p + bl
-  local t = string.sub(blob, p, p + tl - 1); pos = p + tl
-  local reply = redis.pcall('XADD', key, id, 'd', d, 'e', e, 'b', b, 't', t)
-  if type(reply) == 'table' and reply.err and not string.find(reply.err, 'equal or smaller') then
-    return reply
-  end
-  if ARGV[2] ~= '' and tonumber(string.match(id, '^%d+')) == #e / 4 then
-    redis.call('PEXPIRE', key, ARGV[2])
-  end
-end
-return 0
-"""
+# Appends are plain XADDs, pipelined: one round trip per primary per loop turn whatever their
+# number, and no script to run per batch (the connection packs commands by hand, so a
+# command costs the proxy little, and Redis far less than a Lua call). A batch Redis already
+# has (a write retried after a lost connection) is refused as "equal or smaller" than the
+# stream's top entry: that refusal is the entry ids doing their job, not an error.
+_DUPLICATE = "equal or smaller"
 
 # A new session's hash, unless the id is another session's (1 written, 0 refused). The same
 # metadata again is this process's own create repeated (a claim, then the create), not a
@@ -430,6 +408,7 @@ class _Live:
     deleted: bool = False
     alias: str | None = None
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    followers: list[Follower] = field(default_factory=list)  # caught up: events are pushed
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -813,21 +792,20 @@ class RedisStore:
             return f"no connection to primary {unit.node}"
         commands = [self._create_command(live) for live in unit.creates if live.lost is None]
         creates = len(commands)
-        packed: list[bytes] = []
         byte_counts: dict[_Live, int] = {}
         for live, first, data, event_ends, arrival in unit.batches:
             if live.lost is not None or live.deleted:
                 continue
             total = byte_counts.get(live, live.stored_bytes) + len(data)
             byte_counts[live] = total
-            key = _events_key(live.info.session_id).encode()
+            key = _events_key(live.info.session_id)
             entry_id = b"%d-0" % (first + len(event_ends) - 1)
             offsets = _ends_bytes(event_ends)
-            size, stamp = b"%d" % total, b"%d" % arrival
-            lengths = (len(key), len(entry_id), len(offsets), len(data), len(size), len(stamp))
-            packed += (_BATCH_HEAD.pack(*lengths), key, entry_id, offsets, data, size, stamp)
-        if packed:
-            commands.append(("EVAL", _APPEND, 0, b"".join(packed), self._live_expiry_ms))
+            commands.append(
+                ("XADD", key, entry_id, "d", data, "e", offsets, "b", total, "t", arrival)
+            )
+            if first == 1:
+                commands.append(("PEXPIRE", key, self._live_expiry_ms))
         commands += [
             self._end_command(live, state, reason, ended_ns)
             for live, state, reason, ended_ns in unit.ends
@@ -845,7 +823,11 @@ class RedisStore:
         except Exception as exc:  # a bug must fail these sessions, not stall every reader
             log.exception("redis write failed")
             return f"redis write failed: {exc!r}"
-        refused = [result for result in results if isinstance(result, ReplyError)]
+        refused = [
+            result
+            for result in results
+            if isinstance(result, ReplyError) and _DUPLICATE not in str(result)
+        ]
         if refused:
             log.error("redis refused a write: %s", refused[0])
             return f"redis refused a write: {refused[0]}"
@@ -991,6 +973,8 @@ class RedisStore:
             info.events = first + count - 1
             info.bytes += len(data)
             info.updated_ns = arrival
+            if live.followers:
+                push_batch(live.followers, first, data, count, arrival)
             touched.add(live)
         for live, state, reason, ended_ns in unit.ends:
             if live.deleted:
@@ -1001,6 +985,8 @@ class RedisStore:
             if live.lost is not None and state != FAILED:
                 state, reason = FAILED, f"storage: {live.lost}"
             info.state, info.reason, info.updated_ns = state, reason, ended_ns
+            followers, live.followers = live.followers, []
+            detach_all(followers)
             touched.add(live)
             if live.lost is None:
                 self._live.pop(info.session_id, None)
@@ -1282,6 +1268,8 @@ class RedisStore:
         if live is not None:
             live.deleted = True
             live.wake()
+            followers, live.followers = live.followers, []
+            detach_all(followers)
         self._followed.pop(session_id, None)
         await self._pipeline(
             lambda pipe: (
@@ -1330,11 +1318,24 @@ class RedisStore:
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
 
     def follow_live(self, session_id: str, follower: Follower) -> bool:
-        """Not yet: readers of the Redis store wait on the stream and read."""
-        return False
+        """Readers of a session this process streams take its events pushed from `_apply`,
+        the moment Redis acknowledged them; readers of another process's session wait on
+        its XREAD and read (False)."""
+        live = self._live.get(session_id)
+        if (
+            live is None
+            or live.deleted
+            or live.info.state != STREAMING
+            or live.info.events != follower.next_event - 1
+        ):
+            return False
+        live.followers.append(follower)
+        return True
 
     def unfollow(self, session_id: str, follower: Follower) -> None:
-        return None
+        live = self._live.get(session_id)
+        if live is not None and follower in live.followers:
+            live.followers.remove(follower)
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         self._stop_handler = handler
