@@ -15,11 +15,11 @@ every 20 ms (5,000 events/s, as in run.py's latency workload), every session fol
 reader that does what `proxy.readers.follow` does (read; once caught up, take pushed events
 where the store pushes them, else wait and read again). Readers are on the owning store
 ("local": pushed from its memory as Redis acknowledges) or on a second store ("remote":
-another replica, woken by its XREAD). Each row gives the delay from `append` to the reader holding the
-event (p50/p99), this process's CPU per event (writers and readers together) and, with its
-own redis-server, that server's CPU per event and the Redis calls per event by kind. The
-same local row on the disk store (`fsync: interval`) is the baseline the Redis store is held
-to.
+another replica, woken by its XREAD). Each row gives the delay from `append` to the reader
+holding the event (p50/p99), this process's CPU per event (writers and readers together)
+and, with its own redis-server, that server's CPU per event and the Redis calls per event by
+kind. The same local row on the disk store (`fsync: interval`) is the baseline the Redis
+store is held to.
 """
 
 from __future__ import annotations

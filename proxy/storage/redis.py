@@ -37,11 +37,12 @@ the reader reconnects after a failover waits for it).
   process that starts, so every process checks every other's tokens. It never expires.
 
 Writing. Appends are queued and written once per loop turn (group commit), one pipeline per
-Redis primary on a connection of its own: every batch of every session on that primary goes
-in one `EVAL` argument, so a turn costs one round trip per primary, not one per event.
-With `storage.redis_wait_replicas: N` the pipeline ends with `WAIT N`, so what a client is
-shown is on N replicas too and survives the loss of the primary. Local readers are woken when
-Redis has acknowledged a batch and read it from a small in-memory tail, never from Redis.
+Redis primary on a connection of its own (`wire.py`): an XADD per batch of every session on
+that primary, so a turn costs one round trip per primary, not one per event. With
+`storage.redis_wait_replicas: N` the pipeline ends with `WAIT N`, so what a client is shown is
+on N replicas too and survives the loss of the primary. When Redis has acknowledged a batch,
+it is pushed to the caught-up local readers (`follow_live`) and kept in a small in-memory
+tail for the others: local readers never read from Redis.
 
 Following from another process: one `XREAD BLOCK` per session and wake-up, shared by all of
 that process's readers of the session, returns the new entries themselves; they are kept in
