@@ -90,6 +90,7 @@ from redis.exceptions import (
     ReadOnlyError,
     RedisClusterException,
     RedisError,
+    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -555,7 +556,10 @@ class RedisStore:
         if isinstance(client, RedisCluster):
             await client.initialize()
             return
-        info = await client.info("cluster")
+        try:
+            info = await client.info("cluster")
+        except ResponseError:  # INFO renamed or refused (some managed services): cannot tell
+            return
         if info.get("cluster_enabled"):
             raise StorageError(
                 f"{_redacted(self._url)} is a Redis Cluster node: set storage.redis_cluster: true"

@@ -131,8 +131,9 @@ class WireConnection:
                 hello.append(["AUTH", *(login or [address.password])])
             if address.db:
                 hello.append(["SELECT", address.db])
+            # Last, and allowed to fail: a name only helps operators read CLIENT LIST.
             hello.append(["CLIENT", "SETNAME", self._name])
-            for reply in await protocol.send(hello):
+            for reply in (await protocol.send(hello))[:-1]:
                 if isinstance(reply, ReplyError):
                     assert protocol.transport is not None
                     protocol.transport.close()
