@@ -17,7 +17,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
@@ -36,7 +36,9 @@ from .storage.base import (
     SessionInfo,
     SessionMeta,
     SessionStore,
+    StorageError,
 )
+from .trace import TRACE
 
 log = logging.getLogger("proxy.sessions")
 
@@ -44,6 +46,7 @@ log = logging.getLogger("proxy.sessions")
 # not grow with the session; later reads are large, so a long replay is few syscalls.
 FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 256 * 1024
+INFLATE_SLICE = 1024 * 1024  # most bytes one compressed upstream read inflates to at once
 STALLED = "upstream stalled past upstream.idle_timeout"
 _ERROR_MESSAGES = {
     FAILED: "the upstream stream failed before it completed",
@@ -58,7 +61,7 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id: str) -> str:
-    if not SESSION_ID_PATTERN.match(session_id):
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise InvalidSessionId("session id must match ^[A-Za-z0-9_-]{8,128}$")
     return session_id
 
@@ -75,15 +78,37 @@ def error_event(state: str, reason: str) -> bytes:
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
-class _Decoder:
-    """Undoes gzip/deflate on a stream upstream compressed although we asked it not to."""
+def deleted_event() -> bytes:
+    """How a reader learns that the session it follows was deleted (`DELETE /sessions/{id}`),
+    live or finished: the same `cancelled` event a reader of a cancelled session gets."""
+    return error_event(CANCELLED, "the session was deleted")
 
-    def __init__(self, encoding: str) -> None:
-        wbits = 31 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
-        self._inflate = zlib.decompressobj(wbits)
 
-    def __call__(self, chunk: bytes) -> bytes:
-        return self._inflate.decompress(chunk)
+COMPRESSED = ("gzip", "x-gzip", "deflate")
+
+
+async def inflated(reads: AsyncIterator[bytes], encoding: str) -> AsyncIterator[bytes]:
+    """Undo gzip/deflate on a stream upstream compressed although we asked it not to.
+
+    Output comes in slices of at most INFLATE_SLICE bytes (far below the log's largest
+    record), with a turn of the loop between slices: one small compressed read may inflate
+    to gigabytes, which must neither be held in memory at once nor hold the loop while
+    other streams wait. Data that does not inflate is a MalformedStream.
+    """
+    wbits = 31 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
+    inflate = zlib.decompressobj(wbits)
+    try:
+        async for chunk in reads:
+            piece = inflate.decompress(chunk, INFLATE_SLICE)
+            while True:
+                if piece:
+                    yield piece
+                if not inflate.unconsumed_tail and len(piece) < INFLATE_SLICE:
+                    break
+                await asyncio.sleep(0)
+                piece = inflate.decompress(inflate.unconsumed_tail, INFLATE_SLICE)
+    except zlib.error as exc:
+        raise MalformedStream(f"the {encoding} body does not inflate: {exc}") from None
 
 
 class SessionManager:
@@ -172,17 +197,17 @@ class SessionManager:
         store = self.store
         framer = SSEFramer(event_ids=config.session.event_ids)
         encoding = upstream.headers.get("Content-Encoding", "identity").lower()
-        decode = _Decoder(encoding) if encoding in ("gzip", "x-gzip", "deflate") else None
+        reads = upstream.content.iter_any()
+        if encoding in COMPRESSED:
+            reads = inflated(reads, encoding)
         state, reason = COMPLETE, ""
         clock = time.time_ns
         watch = _StallWatch(config.upstream.idle_timeout)
         try:
             async with asyncio.timeout(config.session.max_duration):
-                async for chunk in upstream.content.iter_any():
+                async for chunk in reads:
                     watch.reads += 1
                     arrival = clock()
-                    if decode is not None:
-                        chunk = decode(chunk)
                     first = framer.next_id
                     data, ends = framer.feed(chunk)
                     if ends:
@@ -203,6 +228,9 @@ class SessionManager:
             state, reason = FAILED, "stream exceeded session.max_duration"
         except (aiohttp.ClientError, ConnectionError) as exc:
             state, reason = FAILED, f"upstream connection broke: {type(exc).__name__}"
+        except StorageError as exc:
+            upstream.close()  # nothing more can be logged, so nothing more can be shown
+            state, reason = FAILED, f"storage error: {exc}"
         except asyncio.CancelledError:
             if not watch.fired or session_id in self._stop_as:
                 state, reason = self._stop_as.pop(session_id, (INTERRUPTED, "proxy shut down"))
@@ -298,8 +326,11 @@ async def follow(
         try:
             data, count = await store.read(session_id, next_event, budget)
         except SessionNotFound:
-            return  # deleted under us: the stream just ends
+            await write(deleted_event())
+            return
         if count:
+            if TRACE is not None:
+                TRACE.client_write(session_id, next_event + count - 1)
             await write(data)
             headers_sent = True
             budget = READ_BATCH_BYTES
@@ -311,6 +342,7 @@ async def follow(
             continue
         info = await store.get(session_id)
         if info is None:
+            await write(deleted_event())
             return
         if info.state != STREAMING:
             if info.events >= next_event:
