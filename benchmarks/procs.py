@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -108,8 +109,18 @@ class Server:
             _running.remove(self)
 
 
-def redis_available() -> bool:
-    return Path(REDIS_SERVER).exists()
+def redis_missing() -> str | None:
+    """Why the proxy-redis column cannot run, or None when it can.
+
+    It needs Debian's `redis-server` and the `redis` package in this interpreter, which is
+    also the one that runs the proxy (`serve` with `storage.backend: redis` exits at start-up
+    without it).
+    """
+    if not Path(REDIS_SERVER).exists():
+        return "redis-server not found"
+    if importlib.util.find_spec("redis") is None:
+        return "the redis package is not installed (pip install 'resumable-proxy[redis]')"
+    return None
 
 
 def start_redis(work_dir: Path) -> Server:

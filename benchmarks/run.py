@@ -32,7 +32,7 @@ from typing import Any
 import report
 from loadgen import PLAIN_BODY, Generator, split, stream_body
 from nginx import nginx_binary, nginx_version, start_nginx
-from procs import Server, cpu_seconds, free_port, redis_available, rss_bytes, start_redis
+from procs import Server, cpu_seconds, free_port, redis_missing, rss_bytes, start_redis
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -571,7 +571,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, start in starters.items():
                 server = start()
                 targets.ports[name], targets.servers[name] = server.port, server
-            if redis_available():
+            missing = redis_missing()
+            if missing is None:
                 redis = start_redis(tmp / "redis")
                 targets.servers[REDIS] = redis
                 redis_url = f"redis://127.0.0.1:{redis.port}/0"
@@ -579,7 +580,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 targets.ports[PROXY_REDIS], targets.servers[PROXY_REDIS] = server.port, server
                 targets.only[PROXY_REDIS] = plan.redis_workloads
             else:
-                report.progress("redis-server not found: the proxy-redis column is skipped")
+                report.progress(f"{missing}: the proxy-redis column is skipped")
             bench = Bench(plan, generator, targets)
             results["targets"] = targets.names
             results["throughput"] = {
