@@ -47,6 +47,7 @@ log = logging.getLogger("proxy.sessions")
 FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 256 * 1024
 INFLATE_SLICE = 1024 * 1024  # most bytes one compressed upstream read inflates to at once
+ARRIVAL_KEEP = 5.0  # seconds a finished session's last arrival time is kept for its readers
 STALLED = "upstream stalled past upstream.idle_timeout"
 _ERROR_MESSAGES = {
     FAILED: "the upstream stream failed before it completed",
@@ -147,7 +148,11 @@ class SessionManager:
 
     def _forget(self, session_id: str) -> None:
         self._pumps.pop(session_id, None)
-        self._last_arrival.pop(session_id, None)
+        # Readers woken by the last batch write it after the pump is done; they still need
+        # its arrival time for the added-latency figure, so it is kept a moment longer.
+        asyncio.get_running_loop().call_later(
+            ARRIVAL_KEEP, self._last_arrival.pop, session_id, None
+        )
 
     async def stop(self, session_id: str, state: str, reason: str) -> bool:
         """End a live upstream read with the given state, here or on the replica reading it;
