@@ -5,10 +5,12 @@ Handlers raise `ProxyError`s; the error middleware in `app.py` turns them into J
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import aiofiles
@@ -16,8 +18,10 @@ import aiohttp
 from aiohttp import web
 
 from .access import credential_digest, is_admin, may_access
-from .config import Config
+from .config import SESSION_ID_PATTERN, Config
 from .errors import (
+    InvalidCursor,
+    InvalidLimit,
     InvalidOffset,
     InvalidState,
     NotFound,
@@ -38,10 +42,19 @@ from .sessions import (
     EventStreamResponse,
     SessionManager,
     check_session_id,
+    error_event,
     follow,
     new_session_id,
 )
-from .storage.base import STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
+from .storage.base import (
+    FAILED,
+    STATES,
+    STREAMING,
+    SessionInfo,
+    SessionMeta,
+    SessionStore,
+    StorageError,
+)
 from .summary import iso_time, session_details, session_summary
 
 log = logging.getLogger("proxy.api")
@@ -50,10 +63,22 @@ SESSION_ID = web.RequestKey("session_id", str)
 EVENTS_SENT = web.RequestKey("events_sent", int)
 
 _OFFSET = re.compile(r"^\s*(\d{1,18})\s*$", re.ASCII)  # `\d` alone takes "٣" as 3
+DEFAULT_PAGE = 100  # sessions per GET /sessions page without ?limit=
+MAX_PAGE = 1000
 # Headers a replay sends again; the rest of the upstream's headers described that one reply.
 _REPLAY_HEADERS = frozenset(
     {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
 )
+
+
+def parse_limit(value: str | None) -> int:
+    """`?limit=` of GET /sessions: 1..MAX_PAGE, DEFAULT_PAGE when absent."""
+    if value is None:
+        return DEFAULT_PAGE
+    match = _OFFSET.match(value)
+    if match is None or not 1 <= int(match.group(1)) <= MAX_PAGE:
+        raise InvalidLimit(f"limit must be an integer from 1 to {MAX_PAGE}, got {value[:40]!r}")
+    return int(match.group(1))
 
 
 def parse_offset(value: str, source: str) -> int:
@@ -70,6 +95,8 @@ class Api:
     client: aiohttp.ClientSession
     upstream_url: str
     metrics: Metrics
+    # Client-chosen ids whose first request waits for upstream's headers right now.
+    _creating: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     @property
     def store(self) -> SessionStore:
@@ -83,14 +110,45 @@ class Api:
         if requested_id is not None:
             check_session_id(requested_id)
         outgoing = await build_upstream_request(request, config)
-        if requested_id is not None:
+        if requested_id is None:
+            return await self._forward(request, outgoing, None)
+        while True:
             info = await self.store.get(requested_id)
             if info is not None:
                 return await self._replay_repeat(request, info, outgoing)
+            creating = self._creating.get(requested_id)
+            if creating is None:
+                break
+            # An SDK retry (or a second tab) with the same id while the first request still
+            # waits for upstream's headers: wait, then replay what it started (or, if it
+            # started no session, ask upstream ourselves).
+            await asyncio.shield(creating)
+        creating = self._creating[requested_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._forward(request, outgoing, requested_id)
+        finally:
+            self._created(requested_id, creating)
+
+    async def _forward(
+        self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
+    ) -> web.StreamResponse:
         upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
+
+    def _created(self, session_id: str, creating: asyncio.Future[None] | None = None) -> None:
+        """Wake the requests waiting for the creation of `session_id` (it now exists in the
+        store, or the request that was to create it is done)."""
+        current = self._creating.get(session_id)
+        if creating is None:
+            creating = current
+        if creating is None:
+            return
+        if current is creating:
+            del self._creating[session_id]
+        if not creating.done():
+            creating.set_result(None)
 
     async def _start_stream(
         self,
@@ -118,6 +176,8 @@ class Api:
             upstream.close()
             raise SessionConflict(f"session {requested_id} was created by another request")
         self.manager.start(meta, upstream)
+        if requested_id is not None:
+            self._created(requested_id)
         response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
         response.headers[config.session.header] = meta.session_id
@@ -194,6 +254,9 @@ class Api:
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("reader of session %s left", session_id)
+        except StorageError as exc:
+            log.error("session %s: a reader stopped at a storage error: %s", session_id, exc)
+            await end_stream(request, response, error_event(FAILED, f"storage error: {exc}"))
         finally:
             self.metrics.reader_left()
         return response
@@ -235,23 +298,49 @@ class Api:
         return web.json_response(session_summary(current))
 
     async def list_sessions(self, request: web.Request) -> web.Response:
+        """The caller's sessions, newest first, a page at a time (`?limit=&after=<id>`).
+
+        A page is bounded so that one listing never holds the loop for long, whatever the
+        number of sessions; `after` is the last id of the previous page (`last_id`), and
+        must be a session the caller may see (anything else is the same 400, so the cursor
+        reveals nothing about other callers' ids).
+        """
         state = request.query.get("state")
         if state is not None and state not in STATES:
             raise InvalidState(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
+        limit = parse_limit(request.query.get("limit"))
         admin = is_admin(request, self.config)
         if not admin and self.config.session.bind_header not in request.headers:
             raise NotFound("no sessions for this caller")
         caller = credential_digest(request, self.config)
-        sessions = [
-            session_summary(info)
-            for info in await self.store.list()
-            if (admin or info.meta.credential_sha256 == caller)
-            and (state is None or info.state == state)
-        ]
-        return web.json_response({"object": "list", "data": sessions})
+        after = None
+        cursor = request.query.get("after")
+        if cursor is not None:
+            after = await self.store.get(cursor) if SESSION_ID_PATTERN.fullmatch(cursor) else None
+            if after is None or not may_access(request, self.config, after):
+                raise InvalidCursor(
+                    f"after must be the id of one of your sessions, got {cursor[:40]!r}"
+                )
+
+        def keep(info: SessionInfo) -> bool:
+            return (admin or info.meta.credential_sha256 == caller) and (
+                state is None or info.state == state
+            )
+
+        page, more = await self.store.page(after, limit, keep)
+        sessions = [session_summary(info) for info in page]
+        return web.json_response(
+            {
+                "object": "list",
+                "data": sessions,
+                "first_id": page[0].session_id if page else None,
+                "last_id": page[-1].session_id if page else None,
+                "has_more": more,
+            }
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        healthy = self.store.healthy
+        healthy = await self.store.check_health()
         body = {
             "status": "ok" if healthy else "unhealthy",
             "storage": "ok" if healthy else "unwritable",
@@ -278,6 +367,17 @@ class Api:
         return web.Response(
             body=await client_file("demo.html"), content_type="text/html", charset="utf-8"
         )
+
+
+async def end_stream(request: web.Request, response: web.StreamResponse, final: bytes) -> None:
+    """End an event stream whose headers may already be out: its status cannot change any
+    more, so the reader gets the contract's final error event and the connection closes
+    (a JSON error here would be a second response inside the first one's body)."""
+    with contextlib.suppress(ConnectionError):
+        await response.write(final)
+        await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
 
 
 _CLIENT_FILES: dict[str, bytes] = {}

@@ -74,23 +74,15 @@ def serve(
     )
     setup_logging(config.server.log_level, config.server.log_format)
     _use_uvloop()
-    from aiohttp import web
-
     from .app import build_app
+    from .server import run
 
-    app = build_app(config)
     listening = f"http://{config.server.host}:{config.server.port}"
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            access_log=None,
-            # aiohttp's default of 128 drops SYNs when a burst of clients (a deploy, a
-            # reconnect storm after a network blip) arrives at once; the kernel caps it anyway.
-            backlog=4096,
-            shutdown_timeout=config.server.shutdown_grace + 5,
-            print=lambda _: click.echo(
+        run(
+            build_app(config),
+            config,
+            announce=lambda: click.echo(
                 f"resumable-proxy listening on {listening} -> {_upstream_name(config)}", err=True
             ),
         )

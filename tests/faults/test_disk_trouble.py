@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import pytest
 
 from proxy.config import Config
@@ -56,7 +57,7 @@ def ended_failed_after_what_was_logged(body: bytes) -> list[int]:
     `failed` error event (a storage error) and nothing else. Returns the event ids."""
     ids = event_ids(body)
     assert ids == list(range(1, len(ids) + 1))
-    final = body[body.rindex(b"data: ") :]
+    final = body[body.rindex(b'data: {"error"') :]
     error = json.loads(final.removeprefix(b"data: "))["error"]
     assert (error["code"], error["type"]) == ("failed", "resumable_proxy_error")
     assert "storage error" in error["message"]
@@ -225,7 +226,7 @@ async def test_kill9_after_the_disk_filled_keeps_every_event_a_client_was_shown(
     finally:
         proxy.kill()
     assert event_ids(replayed)[: len(shown)] == shown
-    assert replayed.startswith(seen[: seen.rindex(b"data: ")])  # byte for byte
+    assert replayed.startswith(seen[: seen.rindex(b'data: {"error"')])  # byte for byte
     assert info["events"] >= len(shown)
     record("disk_full_kill9", events_shown=len(shown), events_logged=info["events"])
 
@@ -240,3 +241,34 @@ def test_read_only_data_dir_stops_start_up_with_one_clear_line(tmpfs: Path) -> N
             proxy.kill()
     errors = [line for line in str(failure.value).splitlines() if line.startswith("error:")]
     assert errors == [f"error: storage: cannot open data dir {tmpfs}: Read-only file system"]
+
+
+async def test_a_replay_that_meets_a_lost_segment_ends_with_the_failed_event_not_a_second_response(
+    config_for: Callable[..., Config],
+) -> None:
+    """A segment lost under the log (deleted by hand, a bad disk) is a storage error in the
+    middle of a replay whose 200 and first events are already out: the reader gets the
+    `failed` event and a well-formed end of the chunked body, never an error response
+    written into it (which broke httpx with `illegal chunk header` and hung aiohttp)."""
+    config = config_for(**{"storage.segment_bytes": "64KiB"})
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+        session_id, original = await stream(http, proxy.url, mock_stream_body(3000, 0))
+    segments = sorted(config.storage.dir.glob("*.log"))
+    assert len(segments) >= 4
+    lost = segments[len(segments) // 2]
+    lost.unlink()
+    lost.with_suffix(".idx").unlink(missing_ok=True)
+    async with run_proxy(config) as proxy:
+        url = f"{proxy.url}/sessions/{session_id}/events"
+        async with httpx.AsyncClient(timeout=30) as client:
+            async with client.stream("GET", url, headers=AUTH) as response:
+                status = response.status_code
+                body = b"".join([piece async for piece in response.aiter_raw()])
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            again = await replay(http, proxy.url, session_id)
+    assert status == 200
+    shown = ended_failed_after_what_was_logged(body)
+    assert 0 < len(shown) < len(event_ids(original))
+    assert original.startswith(body[: body.rindex(b'data: {"error"')])
+    assert b"HTTP/1.1" not in body
+    assert again == body
