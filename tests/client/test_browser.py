@@ -5,6 +5,7 @@ them)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +19,14 @@ from tests.helpers import make_config, run_proxy
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+if os.environ.get("CI"):
+    from selenium import webdriver  # .ci/run installs it: under CI a missing one fails
+else:
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
 
+if not (CHROMIUM and CHROMEDRIVER) and os.environ.get("CI"):
+    # .ci/run installs both: under CI a missing browser is a broken setup, never a skip.
+    raise RuntimeError("CI must install chromium and chromium-driver (.ci/run does)")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="needs chromium and chromedriver on PATH (Debian: apt-get install chromium "
