@@ -9,7 +9,6 @@ mock close, in reverse order of start.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -38,7 +37,7 @@ log = logging.getLogger("proxy.app")
 access_log = logging.getLogger("proxy.access")
 
 STARTED = web.RequestKey("started", web.StreamResponse)
-CLOSE_AFTER = 1.0  # seconds between answering an unread body's request and closing
+LINGER = 1.0  # seconds aiohttp reads a body nobody wanted after the answer, before closing
 CONFIG = web.AppKey("config", Config)
 API = web.AppKey("api", Api)
 METRICS = web.AppKey("metrics", Metrics)
@@ -79,19 +78,17 @@ def _already_started(request: web.Request, exc: BaseException) -> web.StreamResp
 async def _send_and_close(request: web.Request, response: web.StreamResponse) -> None:
     """Send an error whose request body is not (all) read, then end the connection.
 
-    aiohttp would otherwise "linger", reading the rest of the body for up to 10 s, which is
-    what a client trickling a body forever wants. Closing at once could reset the connection
-    (unread bytes make the kernel send RST) before the client reads the answer, so our side
-    is shut (FIN) now and the connection closed a moment later.
+    Closing at once could reset the connection (unread bytes make the kernel send RST)
+    before the client reads the answer, so our side is shut (FIN) right after the answer;
+    aiohttp then reads and drops what is left of the body for at most LINGER seconds (its
+    default of 10 s is what a client trickling a body forever wants) and closes.
     """
     response.force_close()
     await response.prepare(request)
     await response.write_eof()
     transport = request.transport
-    if transport is not None and not transport.is_closing():
-        if transport.can_write_eof():
-            transport.write_eof()
-        asyncio.get_running_loop().call_later(CLOSE_AFTER, transport.close)
+    if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        transport.write_eof()
 
 
 @web.middleware
@@ -238,7 +235,7 @@ def build_app(config: Config) -> web.Application:
             error_middleware,
         ],
         client_max_size=config.server.max_body_bytes + 1,
-        handler_args={"max_field_size": 65536, "max_line_size": 65536},
+        handler_args={"max_field_size": 65536, "max_line_size": 65536, "lingering_time": LINGER},
     )
     app[CONFIG] = config
     app[METRICS] = metrics

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,12 +32,29 @@ _STRING = re.compile(r'"((?:\\x[0-9a-f]{2})*)"')
 _RESULT = re.compile(r"\) += (-?\d+)")
 
 
+def _unusable() -> str | None:
+    """Why strace cannot trace here (missing, or ptrace/seccomp refused), or None."""
+    if STRACE is None:
+        return "strace is not installed (Debian: apt-get install strace)"
+    probe = subprocess.run(
+        [STRACE, "-f", "--seccomp-bpf", "-qq", "-e", "trace=write", "-o", os.devnull, "true"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if probe.returncode != 0:
+        return f"strace cannot trace here: {probe.stderr.strip()[:200]}"
+    return None
+
+
 def strace_prefix(output: Path) -> list[str]:
     """The command prefix that runs a process under strace, writing `output`."""
-    if STRACE is None:
+    reason = _unusable()
+    if reason is not None:
         if os.environ.get("CI"):
-            pytest.fail("strace is missing in CI (.ci/run installs it)")
-        pytest.skip("needs strace (Debian: apt-get install strace)")
+            pytest.fail(f"{reason}; .ci/run installs strace")
+        pytest.skip(reason)
+    assert STRACE is not None
     return [
         STRACE,
         "-f",

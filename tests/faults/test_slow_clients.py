@@ -1,7 +1,8 @@
 """Slow clients: many readers that take a byte a second from live sessions, through a small
 receive window. The proxy's memory stays bounded (a slow reader holds one batch, never the
-session), the upstream is read at its own pace, and fast readers of the same sessions get
-every event as promptly as when they are alone.
+session) and fast readers of the same sessions get every event. How the upstream's pace and
+the fast readers' time compare with and without the slow readers is recorded here and
+measured by `benchmarks/bench_isolation.py`; it is not asserted (tests assert behaviour).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ async def run_sessions(
 
 
 @pytest.mark.parametrize("scale", SCALES)
-async def test_slow_readers_keep_memory_bounded_and_slow_neither_upstream_nor_fast_readers(
+async def test_slow_readers_keep_memory_bounded_and_every_fast_reader_gets_each_session_whole(
     scale: Scale, proxy: ProxyProcess
 ) -> None:
     assert proxy.process is not None

@@ -165,7 +165,7 @@ async def read_fault(http: aiohttp.ClientSession, url: str) -> tuple[aiohttp.Cli
 
 
 @pytest.mark.parametrize("name", list(FAULTS))
-async def test_upstream_fault_ends_in_contract_state_while_other_streams_keep_pace(
+async def test_upstream_fault_ends_in_contract_state_and_a_stream_beside_it_is_whole(
     name: str, config_for: Callable[..., Config]
 ) -> None:
     fault = FAULTS[name]
