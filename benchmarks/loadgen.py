@@ -251,6 +251,7 @@ class Worker:
         result = {"streams": 0, "events": 0, "bytes": 0, "errors": 0, "short": 0}
         ends: list[int] = []
         starts: list[int] = []
+        first_bytes = array("q")
 
         async def slot(offset: float) -> None:
             await _sleep_until(p["start_at"] + offset)
@@ -261,6 +262,7 @@ class Worker:
                     response = await asyncio.wait_for(connection.request(raw, sink), p["timeout"])
                     starts.append(response.sent_ns)
                     ends.append(response.end_ns)
+                    first_bytes.append(response.first_byte_ns - response.sent_ns)
                     result["streams"] += 1
                     result["events"] += sink.events
                     result["bytes"] += response.body_bytes
@@ -286,7 +288,41 @@ class Worker:
         result["first_ns"] = min(starts, default=0)
         result["last_ns"] = max(ends, default=0)
         result["latencies"] = latencies.tobytes() if latencies is not None else b""
+        result["first_bytes"] = first_bytes.tobytes()
         return result
+
+    async def burst(self, p: dict[str, Any]) -> dict[str, Any]:
+        """Every request at once, each on a connection of its own opened beforehand (many
+        clients coming back together); rows as `sequence` gives them."""
+        port = p["port"]
+        connections = [await HttpConnection.open(port) for _ in p["requests"]]
+        try:
+            started = time.monotonic_ns()
+            responses = await asyncio.wait_for(
+                asyncio.gather(
+                    *(
+                        connection.request(build_request(port, method, path, body), EventSink())
+                        for connection, (method, path, body) in zip(
+                            connections, p["requests"], strict=True
+                        )
+                    )
+                ),
+                p["timeout"],
+            )
+        finally:
+            for connection in connections:
+                connection.close()
+        rows = [
+            (
+                r.status,
+                r.first_byte_ns - r.sent_ns,
+                r.end_ns - r.sent_ns,
+                r.body_bytes,
+                r.headers.get(SESSION_HEADER, ""),
+            )
+            for r in responses
+        ]
+        return {"rows": rows, "started_ns": started}
 
     async def sequence(self, p: dict[str, Any]) -> dict[str, Any]:
         """Requests one after another; with `reconnect`, each on a new connection, and the

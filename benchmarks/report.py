@@ -31,42 +31,74 @@ def _ratio(value: float, base: float | None) -> str:
 
 
 def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Every target of issue 7 that this run has the figures for, per proxy flavour."""
+    """Every target of the hot-path issue that this run has the figures for, per proxy."""
     rows: list[dict[str, Any]] = []
     proxies = [name for name in results.get("targets", []) if name.startswith("proxy")]
+    latency = results.get("latency", {})
 
     def add(proxy: str, name: str, value: float, target: str, met: bool) -> None:
         rows.append({"proxy": proxy, "check": name, "value": value, "target": target, "met": met})
 
+    def added(at: str, who: str, key: str) -> float | None:
+        row = latency.get(at, {}).get(who)
+        return None if row is None else row[f"added_{key}_ms"]
+
     for proxy in proxies:
+        at_100 = latency.get("100", {})
+        if proxy in at_100 and NGINX in at_100:
+            mine, theirs = at_100[proxy]["cpu_us_per_event"], at_100[NGINX]["cpu_us_per_event"]
+            ratio = round(mine / theirs, 2) if theirs else float("inf")
+            add(proxy, "CPU per event at 100 streams (x nginx)", ratio, "<= 1.5x", ratio <= 1.5)
+        if proxy == "proxy-always":
+            p50 = added("100", proxy, "p50")
+            if p50 is not None:
+                add(proxy, "fsync always: added p50 at 100 (ms)", p50, "<= 1 ms", p50 <= 1.0)
+            continue
         for mode, figures in results["throughput"].items():
             if NGINX in figures and proxy in figures:
                 ratio = figures[proxy]["events_per_s"] / figures[NGINX]["events_per_s"]
                 add(proxy, f"throughput {mode}", round(ratio, 3), ">= 1.0x nginx", ratio >= 1.0)
-        at_200 = results["latency"].get("200", {})
-        if proxy in at_200:
-            added = at_200[proxy]["added_p50_ms"]
-            add(proxy, "added p50 at 200 streams (ms)", added, "<= 0.3 ms", added <= 0.3)
-            if NGINX in at_200:
-                p99, limit = at_200[proxy]["p99_ms"], at_200[NGINX]["p99_ms"] + 1.0
-                add(
-                    proxy,
-                    "p99 at 200 streams (ms)",
-                    p99,
-                    f"<= {limit:.2f} (nginx + 1)",
-                    p99 <= limit,
-                )
-        at_1000 = results["latency"].get("1000", {})
+        p50, p99, n99 = (
+            added("200", proxy, "p50"),
+            added("200", proxy, "p99"),
+            added("200", NGINX, "p99"),
+        )
+        if p50 is not None:
+            add(proxy, "added p50 at 200 (ms)", p50, "<= 0.3 ms", p50 <= 0.3)
+        if p99 is not None and n99 is not None:
+            add(
+                proxy, "added p99 at 200 (ms)", p99, f"<= {n99 + 1:.2f} (nginx + 1)", p99 <= n99 + 1
+            )
+        p50, n50 = added("500", proxy, "p50"), added("500", NGINX, "p50")
+        p99, n99 = added("500", proxy, "p99"), added("500", NGINX, "p99")
+        if p50 is not None and n50 is not None:
+            limit = n50 + 0.5
+            add(proxy, "added p50 at 500 (ms)", p50, f"<= {limit:.2f} (nginx + 0.5)", p50 <= limit)
+        if p99 is not None and n99 is not None:
+            limit = 2 * n99
+            add(proxy, "added p99 at 500 (ms)", p99, f"<= {limit:.2f} (2x nginx)", p99 <= limit)
+        at_1000 = latency.get("1000", {})
         if proxy in at_1000:
-            p99 = at_1000[proxy]["p99_ms"]
-            add(proxy, "p99 at 1000 streams (ms)", p99, "< 50 ms", p99 < 50)
-        if proxy in results["resume"]:
-            resume = results["resume"][proxy]["resume_first_byte"]["p50_ms"]
-            add(proxy, "resume first byte p50 (ms)", resume, "<= 1 ms", resume <= 1.0)
+            row = at_1000[proxy]
+            whole = row["errors"] == 0 and row["short_streams"] == 0
+            add(proxy, "1000 streams: every stream completes", int(whole), "all", whole)
+            ttfb = row["ttfb"]["p99_ms"]
+            add(proxy, "1000 streams: ttfb p99 (ms)", ttfb, "< 1000 ms", ttfb < 1000)
+            p99, n99 = row["added_p99_ms"], added("1000", NGINX, "p99")
+            if n99 is not None:
+                add(proxy, "added p99 at 1000 (ms)", p99, f"<= {n99:.2f} (nginx)", p99 <= n99)
+        resume = results["resume"].get(proxy, {}).get("resume_first_byte_at_once")
+        if resume:
+            count = results["resume"][proxy]["resume_at_once"]
+            p50, p99 = resume["p50_ms"], resume["p99_ms"]
+            add(proxy, f"resume first byte p50, {count} at once (ms)", p50, "<= 1 ms", p50 <= 1)
+            add(proxy, f"resume first byte p99, {count} at once (ms)", p99, "<= 3 ms", p99 <= 3)
         memory = results.get("memory", {}).get(proxy)
         if memory:
             kib = memory["kib_per_live_session"]
             add(proxy, "RSS per live session (KiB)", kib, "<= 32 KiB", kib <= 32)
+            kib = memory["kib_per_idle_reader"]
+            add(proxy, "RSS per idle reader (KiB)", kib, "<= 8 KiB", kib <= 8)
     return rows
 
 
@@ -143,6 +175,7 @@ def markdown(results: dict[str, Any]) -> str:
                 "x direct",
                 "x nginx",
                 "server CPU %",
+                "CPU µs/event",
                 "upstream CPU %",
                 "redis-server CPU %",
                 "generator CPU %/worker",
@@ -156,6 +189,7 @@ def markdown(results: dict[str, Any]) -> str:
                     _ratio(row["events_per_s"], direct),
                     _ratio(row["events_per_s"], nginx),
                     row["server_cpu_pct"],
+                    row.get("cpu_us_per_event", "-"),
                     row["upstream_cpu_pct"],
                     row.get("redis_cpu_pct", "-"),
                     row["generator_cpu_pct_of_core_per_worker"],
@@ -186,6 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "added p99.9",
                 "p99 x nginx",
                 "server CPU %",
+                "CPU µs/event",
+                "ttfb p99",
                 "redis-server CPU %",
                 "generator CPU %/worker",
                 "samples",
@@ -203,6 +239,8 @@ def markdown(results: dict[str, Any]) -> str:
                     row["added_p999_ms"],
                     _ratio(row["p99_ms"], nginx.get("p99_ms")),
                     row["server_cpu_pct"],
+                    row.get("cpu_us_per_event", "-"),
+                    row.get("ttfb", {}).get("p99_ms", "-"),
                     row.get("redis_cpu_pct", "-"),
                     row["generator_cpu_pct_of_core_per_worker"],
                     row["samples"],
@@ -255,6 +293,8 @@ def markdown(results: dict[str, Any]) -> str:
             "fresh MB/s",
             "resume first byte p50",
             "resume p99",
+            "p50, 100 at once",
+            "p99, 100 at once",
             "replay MB/s",
             "replay x fresh direct",
         ],
@@ -266,6 +306,8 @@ def markdown(results: dict[str, Any]) -> str:
                 row["fresh_mb_per_s"],
                 row.get("resume_first_byte", {}).get("p50_ms", "-"),
                 row.get("resume_first_byte", {}).get("p99_ms", "-"),
+                row.get("resume_first_byte_at_once", {}).get("p50_ms", "-"),
+                row.get("resume_first_byte_at_once", {}).get("p99_ms", "-"),
                 row.get("replay_mb_per_s", "-"),
                 _ratio(row["replay_mb_per_s"], fresh_direct) if "replay_mb_per_s" in row else "-",
             ]

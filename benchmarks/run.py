@@ -39,6 +39,7 @@ ROOT = HERE.parent
 CHAT = "/v1/chat/completions"
 DIRECT, NGINX = "direct", "nginx"
 PROXY_REDIS, REDIS = "proxy-redis", "redis-server"
+PROXY_ALWAYS = "proxy-always"
 # Blocks the uvloop import so `serve` falls back to the stock loop (it uses uvloop when it can).
 _WITHOUT_UVLOOP = "import sys; sys.modules['uvloop'] = None; from proxy.cli import main; main()"
 
@@ -130,6 +131,11 @@ def percentiles_ms(values: list[int]) -> dict[str, float]:
     }
 
 
+def _deal(items: list[str], hands: int) -> list[list[str]]:
+    """`items` dealt round-robin into `hands` lists, none empty."""
+    return [items[i::hands] for i in range(hands) if items[i::hands]]
+
+
 def _error_kinds(results: list[dict[str, Any]]) -> dict[str, int]:
     kinds: dict[str, int] = {}
     for r in results:
@@ -200,6 +206,9 @@ class Bench:
             generator_cpu = sum(r["cpu_s"] for r in results)
             figures[name] = {
                 "events_per_s": round(events / wall),
+                "cpu_us_per_event": round(
+                    (cpu_after[name] - cpu_before[name]) / max(events, 1) * 1e6, 3
+                ),
                 "mb_per_s": round(sum(r["bytes"] for r in results) / wall / 1e6, 2),
                 "streams": streams,
                 "seconds": round(wall, 3),
@@ -241,11 +250,17 @@ class Bench:
             )
             cpu_after = self._cpu()
             samples: list[int] = []
+            first_bytes: list[int] = []
             for r in results:
                 samples.extend(array("q", r["latencies"]))
+                first_bytes.extend(array("q", r["first_bytes"]))
             wall = plan.latency_seconds + plan.latency_ramp
+            cpu_s = cpu_after[name] - cpu_before[name]
+            relayed = sum(r["events"] for r in results)
             figures[name] = {
                 **percentiles_ms(samples),
+                "ttfb": percentiles_ms(first_bytes),
+                "cpu_us_per_event": round(cpu_s / max(relayed, 1) * 1e6, 2),
                 "errors": sum(r["errors"] for r in results),
                 "error_kinds": _error_kinds(results),
                 "short_streams": sum(r["short"] for r in results),
@@ -327,6 +342,25 @@ class Bench:
                     False,
                 )
                 row["resume_first_byte"] = percentiles_ms([r[1] for r in resumes])
+                burst = self.gen.run(
+                    "burst",
+                    [
+                        {
+                            "port": port,
+                            "requests": [
+                                ("GET", f"/sessions/{sid}/events?offset={middle}", b"")
+                                for sid in share
+                            ],
+                            "timeout": 60.0,
+                        }
+                        for share in _deal(session_ids * 2, self.gen.size)
+                    ],
+                    120.0,
+                )
+                row["resume_at_once"] = len(session_ids) * 2
+                row["resume_first_byte_at_once"] = percentiles_ms(
+                    [row_[1] for result in burst for row_ in result["rows"]]
+                )
                 row["replay_mb_per_s"] = round(
                     sum(r[3] for r in replays) / sum(r[2] for r in replays) * 1e3, 1
                 )
@@ -483,7 +517,11 @@ def machine_info(nginx: str | None) -> dict[str, Any]:
 
 
 def _proxy_starter(
-    tmp: Path, upstream_port: int, uvloop: bool, redis_url: str | None = None
+    tmp: Path,
+    upstream_port: int,
+    uvloop: bool,
+    redis_url: str | None = None,
+    fsync: str | None = None,
 ) -> Any:
     """A function starting a fresh `serve` child with its own dir and the default config, or
     with the Redis backend on `redis_url` (then on uvloop when installed, as `serve` does)."""
@@ -493,6 +531,8 @@ def _proxy_starter(
         nonlocal runs
         runs += 1
         name = PROXY_REDIS if redis_url else f"proxy-{'uvloop' if uvloop else 'asyncio'}"
+        if fsync:
+            name = f"proxy-{fsync}"
         work = tmp / f"{name}-{runs}"
         work.mkdir()
         port = free_port()
@@ -507,6 +547,10 @@ def _proxy_starter(
         if redis_url:
             config = work / "proxy.yaml"
             config.write_text(f"storage:\n  backend: redis\n  redis_url: {redis_url}\n")
+            args += ["--config", str(config)]
+        elif fsync:
+            config = work / "proxy.yaml"
+            config.write_text(f"storage:\n  fsync: {fsync}\n")
             args += ["--config", str(config)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         server = Server(name, args, port, work / "proxy.log", env)
@@ -571,6 +615,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, start in starters.items():
                 server = start()
                 targets.ports[name], targets.servers[name] = server.port, server
+            # `fsync: always` (group commit) in the latency workload at 100 streams.
+            server = _proxy_starter(tmp, upstream.port, _uvloop_available(), fsync="always")()
+            targets.ports[PROXY_ALWAYS], targets.servers[PROXY_ALWAYS] = server.port, server
+            targets.only[PROXY_ALWAYS] = ("latency 100",)
             missing = redis_missing()
             if missing is None:
                 redis = start_redis(tmp / "redis")

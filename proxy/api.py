@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import re
 import time
@@ -16,8 +18,17 @@ from importlib import resources
 import aiofiles
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
-from .access import credential_digest, is_admin, may_access
+from .access import (
+    TOKEN_HEADER,
+    credential,
+    credential_digest,
+    is_admin,
+    may_access,
+    session_token,
+    token_opens,
+)
 from .config import SESSION_ID_PATTERN, Config
 from .errors import (
     InvalidCursor,
@@ -30,23 +41,20 @@ from .errors import (
     SessionNotFound,
 )
 from .metrics import Metrics
+from .readers import EventStreamResponse, error_event, follow
 from .relay import (
     UpstreamRequest,
     build_upstream_request,
     is_event_stream,
+    may_stream,
+    open_upstream_stream,
     relay_plain,
     response_headers,
     send_upstream,
 )
-from .sessions import (
-    EventStreamResponse,
-    SessionManager,
-    check_session_id,
-    error_event,
-    follow,
-    new_session_id,
-)
+from .sessions import SessionManager, check_session_id, new_session_id
 from .storage.base import (
+    COMPLETE,
     FAILED,
     STATES,
     STREAMING,
@@ -56,6 +64,7 @@ from .storage.base import (
     StorageError,
 )
 from .summary import iso_time, session_details, session_summary
+from .upstream import Origin, UpstreamConnection
 
 log = logging.getLogger("proxy.api")
 
@@ -69,6 +78,20 @@ MAX_PAGE = 1000
 _REPLAY_HEADERS = frozenset(
     {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
 )
+
+
+def body_digest(body: bytes) -> str:
+    """What a repeat must match: the JSON value when the body is JSON, else the bytes.
+
+    SDKs and apps rebuild a request from the same data with keys in another order or other
+    spacing; hashing canonical JSON (sorted keys, no whitespace) makes those repeats replay.
+    """
+    try:
+        value = json.loads(body)
+    except (ValueError, RecursionError):
+        return hashlib.sha256(body).hexdigest()
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def parse_limit(value: str | None) -> int:
@@ -94,7 +117,9 @@ class Api:
     manager: SessionManager
     client: aiohttp.ClientSession
     upstream_url: str
+    origin: Origin
     metrics: Metrics
+    token_key: bytes | None = None  # None: capability tokens are off (session.tokens)
     # Client-chosen ids whose first request waits for upstream's headers right now.
     _creating: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
@@ -105,11 +130,19 @@ class Api:
     # --- the proxied catch-all -------------------------------------------------------------
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        config = self.config
-        requested_id = request.headers.get(config.session.header)
-        if requested_id is not None:
-            check_session_id(requested_id)
-        outgoing = await build_upstream_request(request, config)
+        requested_id = self.requested_id(request)
+        outgoing = await build_upstream_request(request, self.config)
+        return await self.forward(request, outgoing, requested_id)
+
+    def requested_id(self, request: web.Request) -> str | None:
+        """The session id the client chose (session header), checked; None if it chose none."""
+        requested_id = request.headers.get(self.config.session.header)
+        return None if requested_id is None else check_session_id(requested_id)
+
+    async def forward(
+        self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
+    ) -> web.StreamResponse:
+        """Replay the session the client named, or send the request upstream and relay it."""
         if requested_id is None:
             return await self._forward(request, outgoing, None)
         while True:
@@ -132,7 +165,7 @@ class Api:
     async def _forward(
         self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
     ) -> web.StreamResponse:
-        upstream, sent_ns = await send_upstream(self.client, self.upstream_url, outgoing)
+        upstream, sent_ns = await self.send(outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
@@ -150,21 +183,42 @@ class Api:
         if not creating.done():
             creating.set_result(None)
 
+    async def send(
+        self, outgoing: UpstreamRequest
+    ) -> tuple[aiohttp.ClientResponse | UpstreamConnection, int]:
+        """Send a request upstream; its response (headers read) and the wall time it was sent."""
+        if may_stream(outgoing):
+            return await open_upstream_stream(self.origin, outgoing, self.config.upstream)
+        return await send_upstream(self.client, self.upstream_url, outgoing)
+
     async def _start_stream(
         self,
         request: web.Request,
         outgoing: UpstreamRequest,
-        upstream: aiohttp.ClientResponse,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
         sent_ns: int,
         requested_id: str | None,
     ) -> web.StreamResponse:
+        meta, headers = await self.open_session(request, outgoing, upstream, sent_ns, requested_id)
+        return await self.serve_new_session(request, upstream, headers, meta.session_id)
+
+    async def open_session(
+        self,
+        request: web.Request,
+        outgoing: UpstreamRequest,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
+        sent_ns: int,
+        requested_id: str | None,
+    ) -> tuple[SessionMeta, CIMultiDict[str]]:
+        """Log the stream as a new session and start its upstream read; the session's meta
+        and the headers its first reader gets."""
         config = self.config
         headers = response_headers(upstream, stream=True)
         meta = SessionMeta(
             session_id=requested_id or new_session_id(),
             method=outgoing.method,
             path=outgoing.path,
-            body_sha256=outgoing.body_sha256,
+            body_sha256=body_digest(outgoing.body),
             credential_sha256=credential_digest(request, config),
             created_ns=sent_ns,
             request_ns=sent_ns,
@@ -178,31 +232,50 @@ class Api:
         self.manager.start(meta, upstream)
         if requested_id is not None:
             self._created(requested_id)
+        return meta, headers
+
+    async def serve_new_session(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse | UpstreamConnection,
+        headers: CIMultiDict[str],
+        session_id: str,
+    ) -> web.StreamResponse:
+        """The stream of a session just opened, to the client that asked for it."""
         response = EventStreamResponse(status=upstream.status, reason=upstream.reason)
         response.headers.extend(headers)
-        response.headers[config.session.header] = meta.session_id
-        return await self._serve_reader(request, response, meta.session_id, 0)
+        response.headers[self.config.session.header] = session_id
+        self._add_token(response, session_id)
+        return await self._serve_reader(request, response, session_id, 0)
+
+    def _add_token(self, response: web.StreamResponse, session_id: str) -> None:
+        if self.token_key is not None:
+            response.headers[TOKEN_HEADER] = session_token(self.token_key, session_id)
 
     async def _replay_repeat(
         self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
     ) -> web.StreamResponse:
-        if not may_access(request, self.config, info):
-            raise SessionNotFound("no such session")
-        meta = info.meta
-        if (meta.method, meta.path, meta.body_sha256) != (
-            outgoing.method,
-            outgoing.path,
-            outgoing.body_sha256,
-        ):
-            raise SessionConflict(
-                f"session {meta.session_id} belongs to a different request "
-                f"({meta.method} {meta.path.split('?')[0]})"
-            )
+        self.check_repeat(request, info, outgoing)
         offset = 0
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:
             offset = parse_offset(last_event_id, "Last-Event-ID")
         return await self._replay(request, info, offset)
+
+    def check_repeat(
+        self, request: web.Request, info: SessionInfo, outgoing: UpstreamRequest
+    ) -> None:
+        """A repeat names an existing session: only its owner, and only the same request."""
+        if not may_access(request, self.config, info):
+            raise SessionNotFound("no such session")
+        meta = info.meta
+        # Sessions logged before bodies were hashed as JSON hold the hash of the raw bytes.
+        same_body = meta.body_sha256 in (body_digest(outgoing.body), outgoing.body_sha256)
+        if (meta.method, meta.path) != (outgoing.method, outgoing.path) or not same_body:
+            raise SessionConflict(
+                f"session {meta.session_id} belongs to a different request "
+                f"({meta.method} {meta.path.split('?')[0]})"
+            )
 
     # --- replay ----------------------------------------------------------------------------
 
@@ -223,6 +296,7 @@ class Api:
         response.headers["Cache-Control"] = "no-cache"
         response.headers["X-Accel-Buffering"] = "no"
         response.headers[self.config.session.header] = info.session_id
+        self._add_token(response, info.session_id)
         return await self._serve_reader(request, response, info.session_id, offset)
 
     async def _serve_reader(
@@ -230,14 +304,13 @@ class Api:
     ) -> web.StreamResponse:
         request[SESSION_ID] = session_id
         metrics = self.metrics
-        last_arrival_ns = self.manager.last_arrival_ns
-
         request[EVENTS_SENT] = 0
 
-        def on_write(count: int, live: bool) -> None:
+        def on_write(count: int, arrival_ns: int | None) -> None:
             request[EVENTS_SENT] += count
-            arrival = last_arrival_ns(session_id) if live else None
-            metrics.events_written(count, time.time_ns() - arrival if arrival else None)
+            metrics.events_written(
+                count, None if arrival_ns is None else time.time_ns() - arrival_ns
+            )
 
         metrics.reader_joined()
         try:
@@ -263,20 +336,35 @@ class Api:
 
     # --- owned paths -----------------------------------------------------------------------
 
-    async def _owned_session(self, request: web.Request) -> SessionInfo:
+    async def _owned_session(self, request: web.Request, *, token: bool = False) -> SessionInfo:
+        """The session of the path, if the caller may see it; `token`: its capability token
+        (`?token=`) opens it too, which only the events path allows."""
         session_id = check_session_id(request.match_info["session_id"])
         info = await self.store.get(session_id)
-        if info is None or not may_access(request, self.config, info):
+        if info is None:
+            raise SessionNotFound("no such session")
+        presented = request.query.get("token") if token else None
+        if presented is not None and token_opens(self.token_key, session_id, presented):
+            return info
+        if not may_access(request, self.config, info):
             raise SessionNotFound("no such session")
         return info
 
     async def session_events(self, request: web.Request) -> web.StreamResponse:
-        info = await self._owned_session(request)
+        info = await self._owned_session(request, token=True)
         last_event_id = request.headers.get("Last-Event-ID")
         if last_event_id is not None:
             offset = parse_offset(last_event_id, "Last-Event-ID")
         else:
             offset = parse_offset(request.query.get("offset", "0"), "offset")
+        if info.state == COMPLETE and offset == info.events:
+            # Nothing more will ever come. An EventSource stops reconnecting on a 204; on an
+            # empty 200 it would poll a finished session forever. A session that ended with
+            # an error still answers its final error event here: a client resuming right at
+            # the end (its proxy died, say) must learn that the answer is cut, not that it
+            # ended.
+            request[SESSION_ID] = info.session_id
+            return web.Response(status=204)
         return await self._replay(request, info, offset)
 
     async def get_session(self, request: web.Request) -> web.Response:
@@ -286,16 +374,23 @@ class Api:
 
     async def delete_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
-        await self.manager.stop(info.session_id, "cancelled", "deleted by a client")
-        await self.store.delete(info.session_id)
+        await self.delete(info.session_id)
         return web.json_response({"id": info.session_id, "deleted": True})
+
+    async def delete(self, session_id: str) -> None:
+        """Cancel the upstream read if it is live, then forget the session."""
+        await self.manager.stop(session_id, "cancelled", "deleted by a client")
+        await self.store.delete(session_id)
 
     async def cancel_session(self, request: web.Request) -> web.Response:
         info = await self._owned_session(request)
+        return web.json_response(session_summary(await self.cancel(info)))
+
+    async def cancel(self, info: SessionInfo) -> SessionInfo:
+        """Cancel the upstream read (here or on the replica reading it); the session after."""
         await self.manager.stop(info.session_id, "cancelled", "cancelled by a client")
         await self.store.flush()
-        current = await self.store.get(info.session_id) or info
-        return web.json_response(session_summary(current))
+        return await self.store.get(info.session_id) or info
 
     async def list_sessions(self, request: web.Request) -> web.Response:
         """The caller's sessions, newest first, a page at a time (`?limit=&after=<id>`).
@@ -310,7 +405,7 @@ class Api:
             raise InvalidState(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
         limit = parse_limit(request.query.get("limit"))
         admin = is_admin(request, self.config)
-        if not admin and self.config.session.bind_header not in request.headers:
+        if not admin and credential(request, self.config) is None:
             raise NotFound("no sessions for this caller")
         caller = credential_digest(request, self.config)
         after = None
@@ -328,11 +423,10 @@ class Api:
             )
 
         page, more = await self.store.page(after, limit, keep)
-        sessions = [session_summary(info) for info in page]
         return web.json_response(
             {
                 "object": "list",
-                "data": sessions,
+                "data": [session_summary(info) for info in page],
                 "first_id": page[0].session_id if page else None,
                 "last_id": page[-1].session_id if page else None,
                 "has_more": more,

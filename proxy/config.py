@@ -78,7 +78,11 @@ class SessionConfig:
     event_ids: bool = True
     keepalive: float = 15.0
     max_duration: float = 600.0
-    bind_header: str = "Authorization"
+    # The first of these present on the creating request is the credential a session is
+    # bound to: OpenAI clients send Authorization, Anthropic x-api-key, Azure api-key.
+    bind_headers: tuple[str, ...] = ("Authorization", "x-api-key", "api-key")
+    tokens: bool = True  # X-Resume-Token capability tokens
+    token_secret: str | None = None  # None: a random key kept by the store
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +248,31 @@ def _header_name(value: Any) -> str:
     return text
 
 
+def _header_names(value: Any) -> tuple[str, ...]:
+    names = tuple(_header_name(item) for item in _as_str_list(value))
+    if not names:
+        raise ValueError("expected at least one header name")
+    return names
+
+
+def _renamed(new: str) -> Callable[[Any], Any]:
+    """A key that no longer exists under its old name: refused with the new one, because
+    keeping its old meaning silently (one header) would leave sessions of clients that send
+    another credential header readable by anyone."""
+
+    def refuse(value: Any) -> Any:
+        raise ValueError(f"renamed to {new}")
+
+    return refuse
+
+
+def _token_secret(value: Any) -> str | None:
+    text = _as_optional_str(value)
+    if text is not None and len(text) < 16:
+        raise ValueError("expected at least 16 characters (an unguessable key)")
+    return text
+
+
 def _upstream_url(value: Any) -> str:
     text = _as_str(value).strip()
     if text == "mock":
@@ -285,7 +314,10 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "event_ids": _as_bool,
         "keepalive": _in_range(_as_duration, 0.01, 3600),
         "max_duration": _in_range(_as_duration, 0.01, 7 * 86400),
-        "bind_header": _header_name,
+        "bind_headers": _header_names,
+        "bind_header": _renamed("session.bind_headers (a list, e.g. [Authorization])"),
+        "tokens": _as_bool,
+        "token_secret": _token_secret,
     },
     "storage": {
         "backend": _one_of("disk", "redis"),

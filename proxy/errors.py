@@ -52,6 +52,11 @@ class SessionNotFound(ProxyError):
     code = "session_not_found"
 
 
+class ResponseNotFound(ProxyError):
+    status = 404
+    code = "response_not_found"
+
+
 class NotFound(ProxyError):
     status = 404
     code = "not_found"
@@ -87,6 +92,11 @@ class OffsetOutOfRange(ProxyError):
 class UpstreamUnavailable(ProxyError):
     status = 502
     code = "upstream_unavailable"
+
+
+class UpstreamBadResponse(ProxyError):
+    status = 502
+    code = "bad_upstream_response"
 
 
 class UpstreamTimeout(ProxyError):

@@ -1,8 +1,9 @@
 """An OpenAI-compatible mock upstream: deterministic answers in the real wire shapes, no API key.
 
 It backs `--upstream mock`, `resumable-proxy mock-upstream`, the tests and the benchmarks, so it
-must look like api.openai.com to the openai SDK (the same JSON bodies and SSE events) and cost
-little per event (the benchmark has to measure the proxy, not the mock).
+must look like api.openai.com to the openai SDK (the same JSON bodies and SSE events), and like
+api.anthropic.com on `/v1/messages` to the Anthropic SDKs, and cost little per event (the
+benchmark has to measure the proxy, not the mock).
 
 An answer is a pure function of the last user message, so the same request always gets the same
 text and a replayed stream can be compared with a fresh one. Two request-body fields, which the
@@ -12,6 +13,9 @@ as `extra_body={"mock_tokens": 5}`):
 - `"mock_tokens": N`: the answer's length in tokens. `max_tokens`, `max_completion_tokens` and
   `max_output_tokens` still cut it short, with finish reason `length` as the real API does.
 - `"mock_interval_ms": MS`: the pause between a stream's token events.
+
+Like most OpenAI-compatible servers, it refuses `"background": true` on `/v1/responses` with
+400 (the proxy serves background mode itself).
 
 `GET /mock/calls` returns how many requests each path received (`app["calls"]`), which is how a
 test proves that resuming a stream never called the upstream again.
@@ -464,6 +468,107 @@ def _response_stream(body: Json, answer: Answer) -> EventPlan:
 
 
 # ---------------------------------------------------------------------------------------------
+# Anthropic Messages (`/v1/messages`): named events, one text block, `ping`s
+
+
+class AnthropicError(InvalidRequest):
+    """Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`."""
+
+    def response(self) -> web.Response:
+        error = {"type": "invalid_request_error", "message": self.message}
+        return web.json_response({"type": "error", "error": error}, status=self.status)
+
+
+# Anthropic sends a `ping` after the first block opens and more during long answers; the mock
+# puts one between every this many tokens, so clients meet them mid-stream too.
+_PING_EVERY_TOKENS = 32
+_PING = _sse({"type": "ping"}, "ping")
+
+
+def _anthropic_usage(answer: Answer, *, done: bool) -> Json:
+    return {
+        "input_tokens": answer.prompt_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+        "output_tokens": len(answer.tokens) if done else 1,
+        "service_tier": "standard",
+    }
+
+
+def _anthropic_message(body: Json, answer: Answer, *, done: bool) -> Json:
+    """The Message object: empty in `message_start`, the whole answer when not streamed."""
+    return {
+        "id": _new_id("msg_"),
+        "type": "message",
+        "role": "assistant",
+        "model": body["model"],
+        "content": [{"type": "text", "text": answer.text}] if done else [],
+        "stop_reason": _stop_reason(answer) if done else None,
+        "stop_sequence": None,
+        "usage": _anthropic_usage(answer, done=done),
+    }
+
+
+def _stop_reason(answer: Answer) -> str:
+    return "max_tokens" if answer.truncated else "end_turn"
+
+
+def _anthropic_stream(body: Json, answer: Answer) -> EventPlan:
+    delta = {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta"}}
+    delta["delta"]["text"] = _SLOT
+    before, after = _template(delta, "content_block_delta")
+
+    def tokens() -> Iterable[bytes]:
+        for i, token in enumerate(answer.tokens):
+            if i and i % _PING_EVERY_TOKENS == 0:
+                yield _PING + before + _token_json(token) + after
+            else:
+                yield before + _token_json(token) + after
+
+    message_delta = {
+        "type": "message_delta",
+        "delta": {"stop_reason": _stop_reason(answer), "stop_sequence": None},
+        "usage": {"output_tokens": len(answer.tokens)},
+    }
+    start = {"type": "message_start", "message": _anthropic_message(body, answer, done=False)}
+    block = {
+        "type": "content_block_start",
+        "index": 0,
+        "content_block": {"type": "text", "text": ""},
+    }
+    return EventPlan(
+        lead=[_sse(start, "message_start"), _sse(block, "content_block_start"), _PING],
+        tokens=tokens(),
+        tail=[
+            _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+            _sse(message_delta, "message_delta"),
+            _sse({"type": "message_stop"}, "message_stop"),
+        ],
+    )
+
+
+async def _anthropic_body(request: web.Request) -> Json:
+    """The request checks Anthropic makes that clients meet first, in its error shape."""
+    try:
+        body = json.loads(await request.read())
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise AnthropicError("messages: the request body must be a JSON object")
+    for name, kind, kind_name in (
+        ("model", str, "a string"),
+        ("max_tokens", int, "an integer"),
+        ("messages", list, "a list"),
+    ):
+        value = body.get(name)
+        if value is None:
+            raise AnthropicError(f"{name}: Field required")
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AnthropicError(f"{name}: Input should be {kind_name}")
+    return body
+
+
+# ---------------------------------------------------------------------------------------------
 # Serving
 
 
@@ -543,10 +648,29 @@ class MockApi:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request)
+        if body.get("background") is True:
+            # What vLLM, Ollama, LM Studio and most compatible servers do: the proxy has to
+            # serve background mode itself, and the tests prove it does.
+            raise InvalidRequest(
+                "Background mode is not supported by this server.",
+                param="background",
+                code="unsupported_parameter",
+            )
         answer = self.answer(body, _input_text(body.get("input")))
         if body.get("stream") is True:
             return await _send_stream(request, _response_stream(body, answer), answer.interval_s)
         return web.json_response(_response_object(body, answer, _ResponseIds.new(), done=True))
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """Anthropic's Messages API; `max_tokens` is required there and cuts the answer."""
+        try:
+            body = await _anthropic_body(request)
+            answer = self.answer(body, _last_user_text(body["messages"]))
+        except InvalidRequest as error:
+            return AnthropicError(error.message, status=error.status).response()
+        if body.get("stream") is True:
+            return await _send_stream(request, _anthropic_stream(body, answer), answer.interval_s)
+        return web.json_response(_anthropic_message(body, answer, done=True))
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [_MODEL]})
@@ -599,6 +723,7 @@ def build_mock_app(tokens: int = 64, interval_ms: float = 20.0) -> web.Applicati
     app.router.add_post("/v1/chat/completions", api.chat_completions)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/responses", api.responses)
+    app.router.add_post("/v1/messages", api.messages)
     app.router.add_get("/v1/models", api.models)
     app.router.add_get("/v1/models/{model}", api.model)
     app.router.add_get("/mock/calls", api.calls)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import click
 
-from .sessions import check_session_id, error_event
+from .readers import error_event
+from .sessions import check_session_id
 from .storage.base import ENDED_WITH_ERROR, StorageError
 from .storage.disk import DiskStore
 from .summary import session_details

@@ -17,8 +17,9 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from .config import Config
+from .config import Config, UpstreamConfig
 from .errors import BodyTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
+from .upstream import Origin, UpstreamConnection, open_stream
 
 log = logging.getLogger("proxy.relay")
 
@@ -61,8 +62,9 @@ def header_text(value: str) -> str:
 
     aiohttp's parsers decode field values as UTF-8 with surrogate escapes and its writers
     silently skip the surrogates, so obs-text bytes (0x80-0xFF, RFC 9110 §5.5) that are not
-    UTF-8 would vanish from a forwarded header. Such a value is read as ISO-8859-1 instead,
-    so every byte arrives as its character; UTF-8 values are left as they are.
+    UTF-8 would vanish from a header it sends. Such a value is read as ISO-8859-1 instead,
+    so every byte arrives as its character; UTF-8 values are left as they are. (Requests on
+    the raw upstream connection, `upstream.py`, send the bytes exactly as they came.)
     """
     if value.isascii():
         return value
@@ -90,13 +92,15 @@ def forward_headers(request: web.Request, config: Config) -> CIMultiDict[str]:
         lowered = name.lower()
         if lowered in dropped or lowered in own:
             continue
-        headers.add(name, header_text(value))
+        headers.add(name, value)
     if config.upstream.api_key and "Authorization" not in headers:
         headers["Authorization"] = f"Bearer {config.upstream.api_key}"
     return headers
 
 
-def response_headers(upstream: aiohttp.ClientResponse, *, stream: bool) -> CIMultiDict[str]:
+def response_headers(
+    upstream: aiohttp.ClientResponse | UpstreamConnection, *, stream: bool
+) -> CIMultiDict[str]:
     """Upstream response headers to send on; streams lose the length and gain no-cache."""
     dropped = HOP_BY_HOP | _connection_tokens(upstream.headers)
     if stream:
@@ -111,7 +115,7 @@ def response_headers(upstream: aiohttp.ClientResponse, *, stream: bool) -> CIMul
     return headers
 
 
-def is_event_stream(upstream: aiohttp.ClientResponse) -> bool:
+def is_event_stream(upstream: aiohttp.ClientResponse | UpstreamConnection) -> bool:
     if upstream.status >= 400:
         return False
     return upstream.content_type == "text/event-stream"
@@ -166,15 +170,50 @@ async def build_upstream_request(request: web.Request, config: Config) -> Upstre
     )
 
 
+def may_stream(outgoing: UpstreamRequest) -> bool:
+    """Whether the answer may be an event stream: a POST whose body asks for one.
+
+    Such requests go over a raw connection (`upstream.py`) that hands each read to the
+    session without a task switch; the rest use aiohttp's pooled client, which still handles
+    a stream it did not expect.
+    """
+    return outgoing.method == "POST" and b'"stream"' in outgoing.body
+
+
+def _stream_headers(outgoing: UpstreamRequest) -> CIMultiDict[str]:
+    headers = outgoing.headers
+    if b'"stream"' in outgoing.body and "Accept-Encoding" in headers:
+        headers = headers.copy()
+        headers["Accept-Encoding"] = "identity"
+    return headers
+
+
+async def open_upstream_stream(
+    origin: Origin, outgoing: UpstreamRequest, config: UpstreamConfig
+) -> tuple[UpstreamConnection, int]:
+    """Send a may-stream request on a raw connection; returns it (headers read) and the wall
+    time it was sent."""
+    sent_ns = time.time_ns()
+    connection = await open_stream(
+        origin,
+        outgoing.method,
+        outgoing.path,
+        _stream_headers(outgoing),
+        outgoing.body,
+        connect_timeout=config.connect_timeout,
+        head_timeout=config.idle_timeout,
+    )
+    return connection, sent_ns
+
+
 async def send_upstream(
     client: aiohttp.ClientSession, base_url: str, outgoing: UpstreamRequest
 ) -> tuple[aiohttp.ClientResponse, int]:
     """Send the request; returns the response (headers read) and the wall time it was sent."""
     url = URL(base_url + outgoing.path, encoded=True)
-    headers = outgoing.headers
-    if b'"stream"' in outgoing.body and "Accept-Encoding" in headers:
-        headers = headers.copy()
-        headers["Accept-Encoding"] = "identity"
+    headers = CIMultiDict(
+        (name, header_text(value)) for name, value in _stream_headers(outgoing).items()
+    )
     sent_ns = time.time_ns()
     try:
         response = await client.request(
@@ -193,22 +232,32 @@ async def send_upstream(
     return response, sent_ns
 
 
-async def relay_plain(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def relay_plain(
+    request: web.Request, upstream: aiohttp.ClientResponse | UpstreamConnection
+) -> web.StreamResponse:
     """Relay a non-stream answer as it comes: status, headers and body bytes unchanged."""
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason or None)
     response.headers.extend(response_headers(upstream, stream=False))
+    chunks = (
+        upstream.chunks()
+        if isinstance(upstream, UpstreamConnection)
+        else upstream.content.iter_any()
+    )
     try:
         await response.prepare(request)
-        async for chunk in upstream.content.iter_any():
+        async for chunk in chunks:
             await response.write(chunk)
         await response.write_eof()
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         log.debug("client left during a plain response to %s", request.path)
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+    except (TimeoutError, ConnectionError, aiohttp.ClientPayloadError, aiohttp.ClientError):
         # Headers are already sent, so the only honest signal left is a cut connection.
         log.warning("upstream broke off a plain response to %s", request.path)
         if request.transport is not None:
             request.transport.close()
     finally:
-        upstream.release()
+        if isinstance(upstream, UpstreamConnection):
+            upstream.close()
+        else:
+            upstream.release()
     return response

@@ -29,8 +29,12 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
     targets = results["targets"]
     assert targets[0] == "direct" and any(name.startswith("proxy") for name in targets)
     # proxy-redis (when redis-server is installed) runs in --quick's 20-per-write throughput
-    # only; every other target runs in every workload.
-    everywhere = [name for name in targets if name != "proxy-redis"]
+    # only, proxy-always (fsync: always) in the latency workload at 100 streams only; every
+    # other target runs in every workload.
+    everywhere = [name for name in targets if name not in ("proxy-redis", "proxy-always")]
+    assert results["latency"]["100"]["proxy-always"]["samples"] > 0
+    for figures in results["latency"].values():
+        assert all(figures[name]["cpu_us_per_event"] > 0 for name in everywhere)
     for mode in ("1_per_write", "20_per_write"):
         for row in results["throughput"][mode].values():
             assert row["events_per_s"] > 0 and row["errors"] == 0 and row["short_streams"] == 0
@@ -44,6 +48,7 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
     for name in everywhere:
         if name.startswith("proxy"):
             assert results["resume"][name]["resume_first_byte"]["samples"] > 0
+            assert results["resume"][name]["resume_first_byte_at_once"]["samples"] > 0
             assert results["memory"][name]["live_sessions"] > 0
     assert results["checks"] and "bench_log" in results
     assert results["machine"]["git_commit"]

@@ -168,6 +168,19 @@ async def test_responses_stream_parses_into_typed_events_ending_completed(
     assert final.response.usage.output_tokens == TOKENS
 
 
+async def test_background_mode_is_refused_with_400_like_most_compatible_servers(
+    client: AsyncOpenAI, mock: MockServer
+) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(
+                model="mock-gpt", input="tell me", background=True, stream=stream
+            )
+        assert refused.value.body["param"] == "background"
+        assert refused.value.body["code"] == "unsupported_parameter"
+    assert mock.app["calls"]["/v1/responses"] == 2
+
+
 async def test_responses_stream_helper_accumulates_the_same_text(client: AsyncOpenAI) -> None:
     """`responses.stream` rebuilds the response from the events, so it checks their fields."""
     messages = [{"role": "user", "content": [{"type": "input_text", "text": "tell me"}]}]

@@ -78,7 +78,8 @@ async def test_latency_histograms_observe_each_event_not_each_read(
     event, 26 inter-event gaps (24 of them 0: the events that shared a read) and 27 added
     latencies for the reader that followed live."""
     chunk = b'data: {"choices":[{"index":0,"delta":{"content":"t"}}]}\n\n'
-    upstream.script = [chunk, 0.2, chunk * 25, 0.2, b"data: [DONE]\n\n"]
+    # Pauses first, too: the reader is following before the first event arrives.
+    upstream.script = [0.2, chunk, 0.2, chunk * 25, 0.2, b"data: [DONE]\n\n"]
     async with run_proxy(config_for(upstream.url)) as proxy, aiohttp.ClientSession() as http:
         url = proxy.url + "/v1/chat/completions"
         caller = {"Authorization": "Bearer sk-metrics"}

@@ -267,13 +267,14 @@ async def test_malformed_stream_relays_whole_events_then_ends(
     upstream: ScriptedUpstream, config_for: Callable[..., Config]
 ) -> None:
     upstream.script = [b"data: one\n\n", b"data: two\n\ndata: torn", CUT]
+    owner = {"Authorization": "Bearer sk-owner"}
     async with run_proxy(config_for(upstream.url)) as proxy, aiohttp.ClientSession() as http:
-        async with http.post(proxy.base_url + "/x", data=b"{}") as response:
+        async with http.post(proxy.base_url + "/x", data=b"{}", headers=owner) as response:
             body = await response.read()
             session_id = response.headers["X-Resume-Session-Id"]
         assert body.startswith(b"id: 1\ndata: one\n\nid: 2\ndata: two\n\n")
         assert b'"code":"failed"' in body
-        async with http.get(f"{proxy.url}/sessions/{session_id}") as response:
+        async with http.get(f"{proxy.url}/sessions/{session_id}", headers=owner) as response:
             assert (await response.json())["state"] == "failed"
 
 
@@ -418,7 +419,8 @@ async def test_a_gzip_encoded_upstream_stream_is_relayed_decoded_with_ids(
     upstream.headers = {"Content-Encoding": "gzip"}
     upstream.script = [packed[i : i + 50] for i in range(0, len(packed), 50)]
     async with run_proxy(config_for(upstream.url)) as proxy:
-        async with aiohttp.ClientSession(auto_decompress=False) as http:
+        caller = {"Authorization": "Bearer sk-gzip"}
+        async with aiohttp.ClientSession(auto_decompress=False, headers=caller) as http:
             body = {**CHAT, "stream": True}
             async with http.post(proxy.base_url + "/chat/completions", json=body) as response:
                 relayed = await response.read()

@@ -229,3 +229,24 @@ def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes
         cancelled = httpx.post(f"{b.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
         assert cancelled.json()["state"] == "cancelled"
         assert error_code(b"".join(chunks)) == "cancelled"
+
+
+def test_a_token_made_by_one_replica_opens_the_session_on_every_other(
+    replicas: list[ProxyProcess],
+) -> None:
+    """The token key is in Redis (set once by the first replica), so a browser holding only
+    the token resumes on whichever replica the load balancer picks."""
+    a, b, c = replicas
+    started = httpx.post(f"{a.url}/v1/chat/completions", json=mock_stream_body(5, 0), timeout=30)
+    session_id = started.headers["X-Resume-Session-Id"]
+    token = started.headers["X-Resume-Token"]
+    for proxy in (b, c):
+        url = f"{proxy.url}/sessions/{session_id}/events"
+        assert httpx.get(url, params={"token": token}, timeout=30).content == started.content
+        assert httpx.get(url, timeout=30).status_code == 404
+        other = httpx.post(f"{proxy.url}/v1/chat/completions", json=mock_stream_body(1, 0))
+        assert other.headers["X-Resume-Token"] != token
+        again = f"{a.url}/sessions/{other.headers['X-Resume-Session-Id']}/events"
+        assert (
+            httpx.get(again, params={"token": other.headers["X-Resume-Token"]}).status_code == 200
+        )

@@ -25,9 +25,11 @@ proxy's: its body is handed to the SDK one whole event at a time (a cut in the m
 event never leaks half an event), and the transport remembers the last event's ``id:``. When
 the connection breaks (reset, EOF before the end of the chunked body, read timeout) it asks
 ``GET {origin}/sessions/{id}/events`` with ``Last-Event-ID`` and the original request's headers
-(the session is bound to its ``Authorization``) and splices that continuation into the same
-body. The proxy ends a stream by closing the body cleanly, so a clean end is the end; every
-break is an exception from httpx.
+(the session is bound to its ``Authorization``, ``x-api-key`` or ``api-key``; a request with
+none of them sends the session's ``X-Resume-Token`` as ``?token=``) and splices that
+continuation into the same body. The proxy ends a stream by closing the body cleanly, so a
+clean end is the end, and so is a ``204`` to a resume (the break came after the last event);
+every break is an exception from httpx.
 
 Retries: the first resume is sent at once (a dropped connection is the usual cause and the
 proxy is still there), later ones after an exponential backoff with jitter. At most
@@ -68,6 +70,8 @@ import anyio
 # relays upstream's line ends unchanged). `\r(?!\n)` keeps a CRLF whole.
 _BOUNDARY = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _ID_LINE = re.compile(rb"(?:^|[\r\n])id(?::\x20?([^\r\n]*))?(?=[\r\n]|$)")
+_CREDENTIAL_HEADERS = ("authorization", "x-api-key", "api-key")
+_TOKEN_HEADER = "X-Resume-Token"
 # Headers that described the original request's body or routing, not the caller.
 _NOT_CARRIED = frozenset(
     {
@@ -128,10 +132,11 @@ class _Splice:
     offset is the count of events).
     """
 
-    def __init__(self, request: Any, session_id: str, policy: _Policy) -> None:
+    def __init__(self, request: Any, response: Any, session_id: str, policy: _Policy) -> None:
         self.module = _module_of(request)
         self.errors = _resumable_errors(self.module)
         self.session_id = session_id
+        self.token: str | None = response.headers.get(_TOKEN_HEADER)
         self.offset = 0
         self._request = request
         self._policy = policy
@@ -185,16 +190,20 @@ class _Splice:
             ("Accept-Encoding", "identity"),
             ("Last-Event-ID", str(self.offset)),
         ]
+        url = original.url.join(f"/sessions/{self.session_id}/events")
+        if self.token and not any(name in original.headers for name in _CREDENTIAL_HEADERS):
+            url = url.copy_merge_params({"token": self.token})
         return self.module.Request(
             "GET",
-            original.url.join(f"/sessions/{self.session_id}/events"),
+            url,
             headers=headers,
             extensions=dict(original.extensions),
         )
 
     def continues(self, response: Any) -> bool | None:
-        """True: splice it in. False: try again later. None: the session is out of reach."""
-        if _proxy_session(response, self._policy) == self.session_id:
+        """True: splice it in (a 204's empty body ends the stream). False: try again later.
+        None: the session is out of reach."""
+        if response.status_code == 204 or _proxy_session(response, self._policy) == self.session_id:
             return True
         status = response.status_code
         return False if status == 429 or status >= 500 else None
@@ -346,7 +355,7 @@ class ResumingTransport(_Resuming):
         response = inner.handle_request(request)
         session_id = _proxy_session(response, self._policy)
         if session_id is not None:
-            splice = _Splice(request, session_id, self._policy)
+            splice = _Splice(request, response, session_id, self._policy)
             stream_type = _stream_type(_SyncStream, splice.module.SyncByteStream)
             response.stream = stream_type(inner, splice, response.stream)
         return response
@@ -378,7 +387,7 @@ class AsyncResumingTransport(_Resuming):
         response = await inner.handle_async_request(request)
         session_id = _proxy_session(response, self._policy)
         if session_id is not None:
-            splice = _Splice(request, session_id, self._policy)
+            splice = _Splice(request, response, session_id, self._policy)
             stream_type = _stream_type(_AsyncStream, splice.module.AsyncByteStream)
             response.stream = stream_type(inner, splice, response.stream)
         return response

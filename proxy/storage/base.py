@@ -35,8 +35,8 @@ class SessionMeta:
     session_id: str
     method: str
     path: str  # path and query string, as the client sent them
-    body_sha256: str  # hex digest of the request body (409 on a differing repeat)
-    credential_sha256: str  # hex digest of the bind header's value, "" when absent
+    body_sha256: str  # hex digest of the request body, canonical JSON when it parses as JSON
+    credential_sha256: str  # hex digest of the caller's credential, "" when absent
     created_ns: int  # wall clock, time.time_ns(), when the request arrived
     request_ns: int  # wall clock when the request was sent upstream (base of ttft)
     upstream_status: int
@@ -55,10 +55,29 @@ class SessionInfo:
     updated_ns: int = 0  # wall clock of the last record
     first_event_ns: int | None = None  # arrival time of event 1
     storage_error: str | None = None  # set when the store failed to keep some of it
+    alias: str | None = None  # a second name, learnt after the session opened (add_alias)
 
     @property
     def session_id(self) -> str:
         return self.meta.session_id
+
+
+class Follower(Protocol):
+    """A reader that is caught up with a live session and takes its next events pushed.
+
+    The store calls `push` from the point where a batch becomes readable (after its write,
+    or its fsync under `always`), synchronously, for every follower of the session: no task
+    wakes up per event. A follower that cannot take the batch at once (its client's buffer
+    is full, its client left, or the batch is not the one it expects next) returns False;
+    the store then drops it and calls `detach`, and the reader catches up at its own pace.
+    `detach` is also called when the session ends or is deleted.
+    """
+
+    next_event: int  # the event the follower expects next
+
+    def push(self, first_event: int, data: bytes, count: int, arrival_ns: int) -> bool: ...
+
+    def detach(self) -> None: ...
 
 
 class SessionStore(Protocol):
@@ -108,6 +127,18 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
 
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        """Give a session a second name (one per session; the newest wins, for the session and
+        for the name). Returns once `resolve_alias` finds it on every replica, durably in the
+        sense of the fsync mode. The name lives and dies with the session.
+
+        This is how a Responses API id, known only from the stream's first event, names the
+        session that was opened before it: the OPEN record is long written by then.
+        """
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        """The id of the existing session this name was given to, or None."""
+
     async def list(self) -> list[SessionInfo]:
         """Every session, newest first."""
 
@@ -129,6 +160,21 @@ class SessionStore(Protocol):
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
         """(first_event, count, arrival_ns) per logged batch, for the latency figures."""
 
+    async def token_secret(self) -> bytes:
+        """The key of capability tokens, made once and kept for good: in the data dir, or in
+        the shared store so that every replica checks the others' tokens."""
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        """Push the session's events from `follower.next_event` on, as they become readable.
+
+        Only when that event is the next one to be logged (the follower has read everything
+        readable) and the session is streaming; False otherwise, or when the store cannot
+        push (then the reader waits and reads as before).
+        """
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        """Stop pushing to `follower` (no-op if it already left)."""
+
     def set_stop_handler(self, handler: StopHandler) -> None:
         """Where stop requests go (the local SessionManager.stop): those of other replicas,
         and the store's own for a session it can no longer log (it then ends `failed`)."""
@@ -142,3 +188,11 @@ class SessionStore(Protocol):
 
 
 StopHandler = Callable[[str, str, str], Awaitable[bool]]
+
+
+def check_alias(alias: str) -> str:
+    """Aliases are printable ASCII without spaces, 1 to 255 characters: they go into record
+    payloads and Redis key names as they are."""
+    if not 0 < len(alias) < 256 or not alias.isascii() or not alias.isprintable() or " " in alias:
+        raise ValueError(f"invalid alias {alias[:40]!r}")
+    return alias

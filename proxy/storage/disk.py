@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from time import monotonic_ns
 
 from proxy.config import StorageConfig
 from proxy.errors import SessionConflict, SessionNotFound
@@ -31,22 +32,27 @@ from proxy.storage.base import (
     FAILED,
     INTERRUPTED,
     STREAMING,
+    Follower,
     SessionInfo,
     SessionMeta,
     StopHandler,
     StorageError,
+    check_alias,
 )
 from proxy.storage.log import (
+    ALIAS,
     DELETE,
     END,
     EVENTS,
     OPEN,
     Log,
     Pending,
+    Run,
     Segment,
     SessionLog,
     encode_index,
     encode_meta,
+    frame_alias,
     frame_delete,
     frame_end,
     frame_events,
@@ -64,7 +70,11 @@ logger = logging.getLogger("proxy.storage")
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
 PROBE_INTERVAL = 1.0  # seconds between writability probes of an unhealthy store
 PROBE_WAIT = 2.0  # how long /healthz waits for a probe (a hung disk stays unhealthy)
+# Appends closer than this to the previous write are batched to the end of the loop turn
+# (many streams' reads in one turn: one os.write); a lone append is written at once.
+_QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
+TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
 
 
 @dataclass(slots=True)
@@ -97,11 +107,13 @@ class DiskStore:
         self._buf = bytearray()
         self._pending: list[Pending] = []
         self._write_scheduled = False
+        self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
         # (created_ns, id) of every session, ascending: GET /sessions pages newest first
         # without sorting per call (create and delete keep it sorted with a bisect).
         self._order: list[tuple[int, str]] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._followers: dict[str, list[Follower]] = {}
         self._dirty: dict[int, Segment] = {}  # segments written since their last fsync
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="proxy-storage-fsync")
         # Group commit (`always`): batches written but not yet covered by an fsync.
@@ -211,6 +223,9 @@ class DiskStore:
         for waiters in self._waiters.values():
             _wake(waiters)
         self._waiters.clear()
+        for followers in self._followers.values():
+            _detach(followers)
+        self._followers.clear()
         if self._lock_fd >= 0:
             os.close(self._lock_fd)
             self._lock_fd = -1
@@ -249,7 +264,7 @@ class DiskStore:
         length = frame_events(self._buf, slog.key, first_event, arrival_ns, ends, data)
         count = len(ends)
         self._queue(
-            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), None)
+            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), data)
         )
         tail = self._tails.get(session_id)
         if tail is not None:
@@ -269,6 +284,23 @@ class DiskStore:
         start = len(self._buf)
         length = frame_end(self._buf, slog.key, state, reason, ended_ns)
         self._queue(Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns)))
+
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        slog = self._live(session_id)
+        info = slog.info
+        assert info is not None
+        start = len(self._buf)
+        length = frame_alias(self._buf, slog.key, check_alias(alias))
+        self._queue(Pending(ALIAS, slog, start, length, 0, 0, 0, 0, alias))
+        aliases = self._log.aliases
+        if info.alias is not None and aliases.get(info.alias) == session_id:
+            del aliases[info.alias]
+        info.alias = alias
+        aliases[alias] = session_id
+        await self.flush()
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        return self._log.aliases.get(alias)
 
     async def flush(self) -> None:
         if self._loop is None or self._read_only:
@@ -293,6 +325,10 @@ class DiskStore:
         self._pending.append(record)
         if len(self._buf) >= _WRITE_NOW_BYTES:
             self._write()
+        elif not self._write_scheduled and monotonic_ns() - self._last_write_ns > _QUIET_NS:
+            # A lone append (the log was quiet): write it now, inside the read that brought
+            # it, instead of paying a loop turn and an extra poll to batch it with nothing.
+            self._write()
         elif not self._write_scheduled:
             self._write_scheduled = True
             assert self._loop is not None, "DiskStore.start() was not awaited"
@@ -301,6 +337,7 @@ class DiskStore:
     def _write(self) -> None:
         """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
         self._write_scheduled = False
+        self._last_write_ns = monotonic_ns()
         if not self._pending:
             return
         buf, records = self._buf, self._pending
@@ -342,14 +379,18 @@ class DiskStore:
     def _seal(self, segment: Segment) -> None:
         assert self._loop is not None
         self._dirty.pop(segment.base, None)
-        index = encode_index(segment.size, segment.records, segment.runs)
-        segment.runs = []
+        # The index is encoded on the fsync thread, not here: a segment of 32 MiB can hold
+        # tens of thousands of runs, and encoding them on the loop stalled every live stream.
+        # The runs are handed over whole; the loop starts a fresh list for the next segment.
+        runs, segment.runs = segment.runs, []
         job = self._loop.run_in_executor(
             self._executor,
-            seal_segment,
+            _encode_and_seal,
             segment.fd,
             segment.index_path,
-            index,
+            segment.size,
+            segment.records,
+            runs,
             self._config.fsync != "never",
         )
         self._sealing.add(job)
@@ -400,8 +441,15 @@ class DiskStore:
         self._kick_fsync()
 
     def _publish(self, records: Sequence[Pending], error: str | None) -> None:
-        """Make written records visible: update the sessions' infos and wake their readers."""
+        """Make written records visible: update the sessions' infos, push new events to the
+        followers that are caught up, and wake the readers waiting for them.
+
+        This is the one point where an event becomes readable (after its `os.write`, or
+        after the fsync covering it under `always`), so it is also the only place a live
+        event is handed to clients: no client can see an event the log does not have.
+        """
         waiters = self._waiters
+        followers = self._followers
         for record in records:
             slog = record.slog
             rtype = record.rtype
@@ -416,21 +464,27 @@ class DiskStore:
                 continue
             if info.storage_error is not None and rtype == EVENTS:
                 continue  # the log refused an earlier batch: readers stop before the gap
+            session_id = slog.session_id
             if rtype == EVENTS:
-                last = record.first_event + record.count - 1
+                first = record.first_event
+                last = first + record.count - 1
                 if last > info.events:
                     info.events = last
                 info.bytes += record.data_len
-                if record.first_event == 1:
+                if first == 1:
                     info.first_event_ns = record.stamp_ns
                 info.updated_ns = record.stamp_ns
+                live = followers.get(session_id)
+                if live and not slog.deleted:
+                    _push(live, first, record.extra, record.count, record.stamp_ns)
             elif rtype == END:
                 info.state, info.reason, info.updated_ns = record.extra
-                self._tails.pop(slog.session_id, None)
+                self._tails.pop(session_id, None)
+                _detach(followers.pop(session_id, None))
             else:
                 continue
             if not slog.deleted:
-                woken = waiters.pop(slog.session_id, None)
+                woken = waiters.pop(session_id, None)
                 if woken:
                     _wake(woken)
 
@@ -438,21 +492,45 @@ class DiskStore:
         """The log could not keep a record of this session (disk full, I/O error, fsync).
 
         An event reaches clients only once the log has it, so the session ends `failed` for
-        its readers right after its last logged event; its upstream read is stopped too (no
-        later event could be shown after the gap).
+        its readers right after its last logged event (live followers are let go, to catch
+        up and see the end); its upstream read is stopped too (no later event could be shown
+        after the gap).
         """
         info.storage_error = error
+        session_id = slog.session_id
         if info.state == STREAMING:
             info.state, info.reason = FAILED, f"storage error: {error}"
             info.updated_ns = self._clock()
             if self._stop is not None and self._loop is not None:
-                task = self._loop.create_task(self._stop(slog.session_id, info.state, info.reason))
+                task = self._loop.create_task(self._stop(session_id, info.state, info.reason))
                 self._stopping.add(task)
                 task.add_done_callback(self._stopping.discard)
+        _detach(self._followers.pop(session_id, None))
         if not slog.deleted:
-            woken = self._waiters.pop(slog.session_id, None)
+            woken = self._waiters.pop(session_id, None)
             if woken:
                 _wake(woken)
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        slog = self._log.sessions.get(session_id)
+        info = None if slog is None else slog.info
+        if (
+            info is None
+            or info.state != STREAMING
+            or slog is None
+            or slog.ended
+            or info.events != follower.next_event - 1
+        ):
+            return False
+        self._followers.setdefault(session_id, []).append(follower)
+        return True
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        live = self._followers.get(session_id)
+        if live is not None and follower in live:
+            live.remove(follower)
+            if not live:
+                del self._followers[session_id]
 
     def _observe_fsync(self, seconds: float) -> None:
         if self.on_fsync is not None:
@@ -645,7 +723,11 @@ class DiskStore:
                 if position < len(self._order) and self._order[position] == key:
                     del self._order[position]
         slog.deleted = True
+        alias = slog.info.alias if slog.info is not None else None
+        if alias is not None and self._log.aliases.get(alias) == slog.session_id:
+            del self._log.aliases[alias]
         self._tails.pop(slog.session_id, None)
+        _detach(self._followers.pop(slog.session_id, None))
         waiters = self._waiters.pop(slog.session_id, None)
         if waiters:
             _wake(waiters)
@@ -731,6 +813,10 @@ class DiskStore:
         end the upstream read of a session the log refused (`_refused`)."""
         self._stop = handler
 
+    async def token_secret(self) -> bytes:
+        """Made on the first start and kept beside the log, so tokens outlive restarts."""
+        return await asyncio.to_thread(load_or_create_key, self._directory / TOKEN_KEY_FILE)
+
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
         return False
 
@@ -763,6 +849,68 @@ class _Freeable:
             if all(holder.deleted or holder in self._picked for holder in segment.holders):
                 self._counted.add(segment.base)
                 self.bytes += segment.size
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The key in `path`, or a new random one put there.
+
+    The key is written whole to a temporary file first and then linked into place, so a crash
+    at any moment leaves either no key or a complete one, never a short one that would change
+    every token after the restart; `link` fails if another process got there first.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        return _read_key(path)
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, os.urandom(32))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    directory = os.open(path.parent, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    return _read_key(path)
+
+
+def _read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) != 32:
+        raise StorageError(f"{path}: expected a 32-byte key, found {len(key)} bytes")
+    return key
+
+
+def _encode_and_seal(
+    fd: int, index_path: Path, size: int, records: int, runs: list[Run], fsync: bool
+) -> None:
+    seal_segment(fd, index_path, encode_index(size, records, runs), fsync)
+
+
+def _push(followers: list[Follower], first: int, data: bytes, count: int, arrival_ns: int) -> None:
+    """Hand one batch to every caught-up follower; those that cannot take it leave."""
+    gone: list[Follower] | None = None
+    for follower in followers:
+        if not follower.push(first, data, count, arrival_ns):
+            if gone is None:
+                gone = []
+            gone.append(follower)
+    if gone is not None:
+        for follower in gone:
+            followers.remove(follower)
+            follower.detach()
+
+
+def _detach(followers: list[Follower] | None) -> None:
+    if followers:
+        for follower in followers:
+            follower.detach()
 
 
 def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:

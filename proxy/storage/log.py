@@ -32,10 +32,11 @@ from proxy.storage.base import SessionInfo, SessionMeta, StorageError
 logger = logging.getLogger("proxy.storage")
 
 HEADER = struct.Struct("<IIB")  # crc32 over (length, type, payload), payload length, type
-OPEN, EVENTS, END, DELETE = 1, 2, 3, 4
-RECORD_TYPES = frozenset((OPEN, EVENTS, END, DELETE))
+OPEN, EVENTS, END, DELETE, ALIAS = 1, 2, 3, 4, 5
+RECORD_TYPES = frozenset((OPEN, EVENTS, END, DELETE, ALIAS))
 _LENGTH_TYPE = struct.Struct("<IB")
 _CRC = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 _EVENTS_FIXED = struct.Struct("<QIQ")  # first_event, count, arrival_ns
 _U64 = struct.Struct("<Q")
 # The smallest limit on one record's payload; a batch is one upstream read, far below it.
@@ -106,8 +107,15 @@ def frame_events(
     ends: Sequence[int],
     data: bytes,
 ) -> int:
-    fixed = _EVENTS_FIXED.pack(first_event, len(ends), arrival_ns)
-    return _frame(buf, EVENTS, (key, fixed, ends_bytes(ends), data))
+    """The hot-path record: framed in one pass (one join, two crc32 calls, one header pack)."""
+    count = len(ends)
+    packed_ends = _U32.pack(ends[0]) if count == 1 else ends_bytes(ends)
+    payload = b"".join((key, _EVENTS_FIXED.pack(first_event, count, arrival_ns), packed_ends, data))
+    length = len(payload)
+    crc = zlib.crc32(payload, zlib.crc32(_LENGTH_TYPE.pack(length, EVENTS)))
+    buf += HEADER.pack(crc, length, EVENTS)
+    buf += payload
+    return HEADER.size + length
 
 
 def encode_meta(meta: SessionMeta) -> bytes:
@@ -137,6 +145,10 @@ def frame_end(buf: bytearray, key: bytes, state: str, reason: str, ended_ns: int
 
 def frame_delete(buf: bytearray, key: bytes, deleted_ns: int) -> int:
     return _frame(buf, DELETE, (key, _U64.pack(deleted_ns)))
+
+
+def frame_alias(buf: bytearray, key: bytes, alias: str) -> int:
+    return _frame(buf, ALIAS, (key, alias.encode("ascii")))
 
 
 def _ends_view(raw: memoryview) -> Sequence[int]:
@@ -196,6 +208,7 @@ class Run:
     meta: bytes | None = None  # OPEN payload (JSON) when the incarnation opens here
     end: tuple[str, str, int] | None = None  # END: state, reason, ended_ns
     deleted: bool = False
+    alias: str | None = None  # the newest ALIAS of the incarnation in this segment
     updated_ns: int = 0
 
     def columns(self) -> tuple[array[int], ...]:
@@ -247,11 +260,11 @@ class Segment:
         return self.path.with_suffix(".idx")
 
 
-_INDEX_MAGIC = b"RPIDX1" + (b"L\0" if _LITTLE_ENDIAN else b"B\0")
+_INDEX_MAGIC = b"RPIDX2" + (b"L\0" if _LITTLE_ENDIAN else b"B\0")
 _INDEX_HEAD = struct.Struct("<8sQQI")  # magic, segment size, records, runs
-# sid length, flags (1 meta, 2 end, 4 deleted), batches, event bytes, updated_ns,
-# meta length, end length
-_RUN_HEAD = struct.Struct("<BBIQQII")
+# sid length, flags (1 meta, 2 end, 4 deleted, 8 alias), batches, event bytes, updated_ns,
+# meta length, end length, alias length
+_RUN_HEAD = struct.Struct("<BBIQQIII")
 
 
 def encode_index(size: int, records: int, runs: Sequence[Run]) -> bytes:
@@ -261,7 +274,13 @@ def encode_index(size: int, records: int, runs: Sequence[Run]) -> bytes:
         sid = run.session_id.encode("ascii")
         meta = run.meta or b""
         end = json.dumps(list(run.end)).encode() if run.end else b""
-        flags = (run.meta is not None) | (run.end is not None) << 1 | run.deleted << 2
+        alias = run.alias.encode("ascii") if run.alias is not None else b""
+        flags = (
+            (run.meta is not None)
+            | (run.end is not None) << 1
+            | run.deleted << 2
+            | (run.alias is not None) << 3
+        )
         out += _RUN_HEAD.pack(
             len(sid),
             flags,
@@ -270,8 +289,9 @@ def encode_index(size: int, records: int, runs: Sequence[Run]) -> bytes:
             run.updated_ns,
             len(meta),
             len(end),
+            len(alias),
         )
-        out += sid + meta + end
+        out += sid + meta + end + alias
         for column in run.columns():
             out += column.tobytes()
     out += _CRC.pack(zlib.crc32(out))
@@ -290,8 +310,8 @@ def decode_index(data: bytes, segment: int) -> tuple[int, int, list[Run]]:
     pos = _INDEX_HEAD.size
     runs = []
     for _ in range(count):
-        sid_len, flags, batches, event_bytes, updated_ns, meta_len, end_len = _RUN_HEAD.unpack_from(
-            data, pos
+        sid_len, flags, batches, event_bytes, updated_ns, meta_len, end_len, alias_len = (
+            _RUN_HEAD.unpack_from(data, pos)
         )
         pos += _RUN_HEAD.size
         run = Run(data[pos : pos + sid_len].decode("ascii"), segment)
@@ -303,6 +323,9 @@ def decode_index(data: bytes, segment: int) -> tuple[int, int, list[Run]]:
             state, reason, ended_ns = json.loads(data[pos : pos + end_len])
             run.end = (state, reason, ended_ns)
         pos += end_len
+        if flags & 8:
+            run.alias = data[pos : pos + alias_len].decode("ascii")
+        pos += alias_len
         run.deleted = bool(flags & 4)
         run.event_bytes, run.updated_ns = event_bytes, updated_ns
         for column in run.columns():
@@ -383,6 +406,15 @@ def _scan(mm: mmap.mmap, base: int, max_record: int) -> ScanResult:
                 decode_meta(meta)
                 run = current[key] = Run(key[1:].decode("ascii"), base, meta=meta)
                 runs.append(run)
+            elif rtype == ALIAS:
+                alias = mm[body:end].decode("ascii")
+                if not alias:
+                    raise ValueError("empty alias")
+                run = current.get(key)
+                if run is None:
+                    run = current[key] = Run(key[1:].decode("ascii"), base)
+                    runs.append(run)
+                run.alias = alias
             else:
                 (stamp,) = _U64.unpack_from(mm, body)
                 run = current.get(key)
@@ -417,7 +449,7 @@ class Pending(NamedTuple):
     count: int
     stamp_ns: int  # arrival_ns, ended_ns or deleted_ns
     data_len: int
-    extra: Any  # OPEN: meta JSON; END: (state, reason, ended_ns)
+    extra: Any  # OPEN: meta JSON; END: (state, reason, ended_ns); ALIAS: the alias
 
 
 class WriteResult(NamedTuple):
@@ -436,6 +468,7 @@ class Log:
         self.read_only = read_only
         self.max_record = max(segment_bytes, MIN_MAX_RECORD)
         self.sessions: dict[str, SessionLog] = {}  # live sessions by id
+        self.aliases: dict[str, str] = {}  # alias -> id of the live session it names
         self.segments: dict[int, Segment] = {}  # by base, ascending
         self.current: Segment | None = None
         self.next_record = 0
@@ -472,6 +505,13 @@ class Log:
                 self._apply(run, segment)
         for session_id in [sid for sid, slog in self.sessions.items() if slog.deleted]:
             del self.sessions[session_id]
+        self.aliases = {
+            alias: session_id
+            for alias, session_id in self.aliases.items()
+            if (slog := self.sessions.get(session_id)) is not None
+            and slog.info is not None
+            and slog.info.alias == alias
+        }
         if bases:
             newest_segment = self.segments[bases[-1]]
             self.next_record = newest_segment.base + newest_segment.records
@@ -554,6 +594,9 @@ class Log:
             if run.end is not None:
                 info.state, info.reason = run.end[0], run.end[1]
                 slog.ended = True
+            if run.alias is not None:
+                info.alias = run.alias
+                self.aliases[run.alias] = run.session_id
             info.updated_ns = max(info.updated_ns, run.updated_ns)
         if run.deleted:
             slog.deleted = True
@@ -655,6 +698,8 @@ class Log:
             run.meta = record.extra
         elif rtype == END:
             run.end = record.extra
+        elif rtype == ALIAS:
+            run.alias = record.extra
         else:
             run.deleted = True
         run.updated_ns = max(run.updated_ns, record.stamp_ns)

@@ -14,10 +14,17 @@ Keys (all of one session share the hash tag `{id}`, so a Redis Cluster keeps the
   `state`, `reason`, `owner` (the replica reading the upstream), `events`, `bytes`, ... While
   a session streams its event count comes from the stream's last entry, so an append costs
   one `XADD` and nothing else.
+- `rp:alias:{<alias>}` holds the id of the session given that alias (`add_alias`). The meta
+  hash's `alias` field says which alias the session has, and a key that names a session
+  which is gone or has another alias resolves to nothing, so a delete leaves the key to
+  expire. It takes the session's expiry when the session ends on the replica reading it;
+  when another replica marks the session `interrupted`, the key keeps its live expiry.
 - `rp:sessions` (sorted set, id -> created_ns) lists sessions; `rp:owned:<replica>` holds the
   sessions a replica streams; `rp:hb:<replica>` is its heartbeat (a key with a short TTL);
   `rp:replicas` names every replica that heartbeats; `rp:ctl:<replica>` is the pub/sub
   channel where stop requests for its sessions (and answers to its own requests) arrive.
+- `rp:token-key` is the capability-token key (hex), set once with `SET NX` by the first
+  replica that starts, so every replica checks every other's tokens. It never expires.
 
 Timing: appends are queued and one pipeline per loop turn writes them (group commit); local
 readers are woken when Redis has acknowledged it, and read the newest events from a small
@@ -56,14 +63,16 @@ from redis.exceptions import RedisError, ResponseError
 from redis.retry import Retry
 
 from ..config import StorageConfig
-from ..errors import SessionConflict
+from ..errors import SessionConflict, SessionNotFound
 from .base import (
     FAILED,
     STREAMING,
+    Follower,
     SessionInfo,
     SessionMeta,
     StopHandler,
     StorageError,
+    check_alias,
 )
 
 log = logging.getLogger("proxy.storage.redis")
@@ -75,6 +84,7 @@ LIVE_EXPIRY = 8 * 86400.0  # beyond session.max_duration (at most 7 days): no ke
 STOP_ACK_TIMEOUT = 10.0  # how long request_stop waits for the owner to confirm
 INDEX = "rp:sessions"
 REPLICAS = "rp:replicas"
+TOKEN_KEY = "rp:token-key"
 _ENDS = "I"  # uint32 end offsets; a batch is far below 4 GiB
 _LOST_REDIS = "redis was unreachable, events from {n} were not stored"
 _LOST_KEYS = "redis lost this session's keys (restarted without persistence?)"
@@ -186,6 +196,10 @@ def _events_key(session_id: str) -> str:
     return f"rp:{{{session_id}}}:events"
 
 
+def _alias_key(alias: str) -> str:
+    return f"rp:alias:{{{alias}}}"
+
+
 def _heartbeat_key(replica: str) -> str:
     return f"rp:hb:{replica}"
 
@@ -280,6 +294,7 @@ def _info_from(fields: dict[bytes, bytes], last: list[Any]) -> SessionInfo | Non
         updated_ns=int(fields.get(b"updated_ns", meta.created_ns)),
         first_event_ns=int(first_ns) if first_ns else None,
         storage_error=fields[b"storage_error"].decode() if b"storage_error" in fields else None,
+        alias=fields[b"alias"].decode() if b"alias" in fields else None,
     )
     if state == STREAMING and last:
         entry_id, entry = last[0]
@@ -303,6 +318,7 @@ class _Live:
     lost: str | None = None  # why Redis stopped receiving this session's writes
     settled: bool = False  # its `failed` end is in Redis
     deleted: bool = False
+    alias: str | None = None
     waiter: asyncio.Future[None] | None = None
 
     def wake(self) -> None:
@@ -602,6 +618,39 @@ class RedisStore:
         pipe.srem(owned, session_id)
         pipe.pexpire(meta_key, self._ttl_ms)
         pipe.pexpire(events_key, self._ttl_ms)
+        if live.alias is not None:
+            pipe.pexpire(_alias_key(live.alias), self._ttl_ms)
+
+    async def add_alias(self, session_id: str, alias: str) -> None:
+        """Written at once, not with the next flush: the caller waits for it anyway, and only
+        after the session's own keys are in Redis may a name point at them."""
+        check_alias(alias)
+        await self.flush()
+        live = self._live.get(session_id)
+        if live is not None:
+            if live.lost is not None:
+                raise StorageError(f"session {session_id}: {live.lost}")
+            live.alias = live.info.alias = alias
+            expiry = self._live_expiry_ms
+        elif await self.get(session_id) is None:
+            raise SessionNotFound(f"session {session_id} not found")
+        else:
+            expiry = self._ttl_ms  # it ended already; its keys have their final expiry
+        meta_key = _meta_key(session_id)
+        pipe = self._client().pipeline(transaction=False)
+        pipe.hset(meta_key, "alias", alias)
+        # Keeps the hash's expiry; gives one only to a hash that expired just before the HSET.
+        pipe.pexpire(meta_key, expiry, nx=True)
+        pipe.set(_alias_key(alias), session_id, px=expiry)
+        await self._call(pipe.execute())
+
+    async def resolve_alias(self, alias: str) -> str | None:
+        raw = await self._call(self._client().get(_alias_key(alias)))
+        if raw is None:
+            return None
+        session_id: str = raw.decode()
+        info = await self.get(session_id)
+        return session_id if info is not None and info.alias == alias else None
 
     def _apply(
         self,
@@ -811,6 +860,13 @@ class RedisStore:
         pipe.zrem(INDEX, session_id)
         await self._call(pipe.execute())
 
+    async def token_secret(self) -> bytes:
+        """The first replica's random key wins the `SET NX`; every replica then reads it."""
+        client = self._client()
+        await self._call(client.set(TOKEN_KEY, secrets.token_hex(32), nx=True))
+        stored = await self._call(client.get(TOKEN_KEY))
+        return bytes.fromhex(stored.decode("ascii"))
+
     async def _call(self, awaitable: Any) -> Any:
         """Await one Redis call; its failure is a StorageError to the sessions layer."""
         try:
@@ -819,6 +875,13 @@ class RedisStore:
             raise StorageError(f"redis: {exc}") from None
 
     # --- replicas: stop requests, heartbeats, the sweep ------------------------------------
+
+    def follow_live(self, session_id: str, follower: Follower) -> bool:
+        """Not yet: readers of the Redis store wait on the stream and read."""
+        return False
+
+    def unfollow(self, session_id: str, follower: Follower) -> None:
+        return None
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         self._stop_handler = handler

@@ -3,9 +3,11 @@
 It listens on 127.0.0.1 and forwards each connection to the proxy. The k-th connection it
 accepts is cut once `cuts[k]` bytes have gone back to the client (connections past the end of
 `cuts` are never cut), so a test chooses exactly where each break lands: in the response
-headers, between events, or in the middle of one. A cut alternates between a reset (RST, the
-client sees a connection reset) and a close (FIN before the chunked body ended, the client
-sees an incomplete body), the two ways a real connection dies.
+headers, between events, or in the middle of one. A `cuts[k]` that is bytes cuts right after
+those bytes have gone back (e.g. after the last event, before the end of the chunked body).
+A cut alternates between a reset (RST, the client sees a connection reset) and a close (FIN
+before the chunked body ended, the client sees an incomplete body), the two ways a real
+connection dies.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import contextlib
 import socket
 import struct
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 _READ_BYTES = 65536
@@ -24,7 +27,7 @@ _READ_BYTES = 65536
 class Connection:
     """What went back to the client on one connection, with the time of each write."""
 
-    limit: int | None
+    limit: int | bytes | None
     sent: bytearray = field(default_factory=bytearray)
     writes: list[tuple[float, int]] = field(default_factory=list)  # (monotonic s, total bytes)
     cut_at: float | None = None
@@ -42,8 +45,18 @@ class Connection:
         return next(at for at, total in self.writes if total >= end + 2)
 
 
+@contextlib.asynccontextmanager
+async def cutting(url: str, cuts: list[int | bytes]) -> AsyncIterator[CuttingMiddlebox]:
+    """A middlebox in front of the proxy at `url`, stopped on exit."""
+    box = await CuttingMiddlebox(int(url.rsplit(":", 1)[1]), cuts).start()
+    try:
+        yield box
+    finally:
+        await box.stop()
+
+
 class CuttingMiddlebox:
-    def __init__(self, target_port: int, cuts: list[int]) -> None:
+    def __init__(self, target_port: int, cuts: list[int | bytes]) -> None:
         self.target_port = target_port
         self.cuts = list(cuts)
         self.connections: list[Connection] = []
@@ -125,13 +138,18 @@ class CuttingMiddlebox:
     ) -> None:
         with contextlib.suppress(ConnectionError):
             while data := await reader.read(_READ_BYTES):
-                if connection.limit is not None:
+                if isinstance(connection.limit, bytes):
+                    found = (bytes(connection.sent) + data).find(connection.limit)
+                    if found >= 0:
+                        connection.limit = found + len(connection.limit)
+                if isinstance(connection.limit, int):
                     data = data[: connection.limit - len(connection.sent)]
                 connection.sent += data
                 client.write(data)
                 await client.drain()
                 connection.writes.append((time.monotonic(), len(connection.sent)))
-                if connection.limit is not None and len(connection.sent) >= connection.limit:
+                limit = connection.limit
+                if isinstance(limit, int) and len(connection.sent) >= limit:
                     connection.cut_at = time.monotonic()
                     if reset:
                         sock = client.get_extra_info("socket")

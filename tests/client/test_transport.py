@@ -9,7 +9,6 @@ and the mock upstream must count a single call.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import random
@@ -40,6 +39,7 @@ from tests.helpers import (
 )
 
 from .middlebox import CuttingMiddlebox
+from .middlebox import cutting as middlebox
 
 API_KEY = "sk-resume-test"
 MODEL = "mock-gpt"
@@ -55,15 +55,6 @@ async def proxy(tmp_path: Path) -> AsyncIterator[RunningProxy]:
     config = make_config(tmp_path / "data", "mock", **{"mock.tokens": 40, "mock.interval_ms": 5})
     async with run_proxy(config) as running:
         yield running
-
-
-@contextlib.asynccontextmanager
-async def middlebox(url: str, cuts: list[int]) -> AsyncIterator[CuttingMiddlebox]:
-    box = await CuttingMiddlebox(int(url.rsplit(":", 1)[1]), cuts).start()
-    try:
-        yield box
-    finally:
-        await box.stop()
 
 
 async def upstream_calls(proxy: RunningProxy) -> int:
@@ -246,6 +237,38 @@ async def test_a_failed_session_surfaces_as_api_error_after_a_resume(
 
 
 @pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
+async def test_a_cut_after_the_last_event_ends_the_stream_on_the_proxys_204(
+    proxy: RunningProxy, module: Any
+) -> None:
+    """The body broke after `[DONE]` but before the chunked end (the SDK stops reading at
+    `[DONE]`, so this reads the body to its end as any other client would): the resume from
+    the last event is answered 204, which the transport takes as the end."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPT}], "stream": True}
+    async with middlebox(proxy.url, [b"data: [DONE]\n\n"]) as box:
+
+        def read() -> tuple[str, bytes]:
+            with (
+                module.Client(transport=ResumingTransport()) as client,
+                client.stream(
+                    "POST", box.url + "/v1/chat/completions", json=body, headers=headers
+                ) as response,
+            ):
+                return response.headers["X-Resume-Session-Id"], b"".join(response.iter_bytes())
+
+        session_id, received = await asyncio.to_thread(read)
+    assert len(box.cut_connections()) == 1
+    assert [bytes(c.sent).split(b"\r\n", 1)[0] for c in box.connections[1:]] == [
+        b"HTTP/1.1 204 No Content"
+    ]
+    async with httpx.AsyncClient() as client:
+        logged = await client.get(f"{proxy.url}/sessions/{session_id}/events", headers=headers)
+    assert received == logged.content
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert await upstream_calls(proxy) == 1
+
+
+@pytest.mark.parametrize("module", [httpx, httpx2], ids=["httpx", "httpx2"])
 async def test_when_resumes_keep_failing_the_original_error_is_raised(
     proxy: RunningProxy, module: Any
 ) -> None:
@@ -299,7 +322,8 @@ def test_splice_passes_only_whole_events_for_any_split(events: list[bytes], data
     stream = b"".join(events)
     cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=6)))
     request = httpx2.Request("GET", "http://proxy/v1/x")
-    splice = _Splice(request, "session-1", _Policy(5, 0.1, 2.0, "X-Resume-Session-Id"))
+    policy = _Policy(5, 0.1, 2.0, "X-Resume-Session-Id")
+    splice = _Splice(request, httpx2.Response(200), "session-1", policy)
     passed = b""
     for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
         passed += splice.feed(stream[start:end])

@@ -224,6 +224,8 @@ def test_fuzzed_offsets_are_replayed_or_refused_clearly(target: Target, value: s
         assert response.status == 400 and response.json()["error"]["code"] == "invalid_offset"
     elif offset > target.events:
         assert response.status == 416
+    elif offset == target.events:
+        assert response.status == 204 and response.body == b""  # the end: nothing more comes
     else:
         assert response.status == 200
         assert event_ids(response.body) == list(range(offset + 1, target.events + 1))
@@ -264,6 +266,8 @@ def test_fuzzed_last_event_ids_are_replayed_or_refused_clearly(
     elif offset > target.events:
         assert response.status == 416, (value, response)
         assert response.json()["error"]["code"] == "offset_out_of_range"
+    elif offset == target.events:  # the end of a complete session: nothing more will come
+        assert (response.status, response.body) == (204, b""), (value, response)
     else:
         assert response.status == 200, (value, response)
         assert event_ids(response.body) == list(range(offset + 1, target.events + 1))

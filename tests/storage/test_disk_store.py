@@ -177,7 +177,9 @@ async def test_always_wakes_readers_only_after_one_group_fsync(
     await asyncio.wait_for(waiting, 5)
     await store.flush()
     assert all(info.events == 1 for info in infos)
-    assert len(calls) == 1  # fifty appends in one loop turn, one fsync
+    # The first append after a quiet spell is written (and its fsync started) at once; the
+    # other 49 of the same loop turn share one fsync after it.
+    assert len(calls) <= 2
 
     calls.clear()
 
@@ -462,3 +464,42 @@ async def test_a_delete_the_disk_refuses_raises_and_forgets_nothing(
     assert await store.get("session-kept") is None
     assert len(list(Path(store._directory).glob("*.log"))) < len(segments)
     await store.close()
+
+
+@pytest.mark.parametrize("keep_indexes", [True, False], ids=["from .idx", "from a scan"])
+async def test_an_alias_resolves_after_restart_and_dies_with_its_session(
+    make_store: Callable[..., DiskStore], keep_indexes: bool
+) -> None:
+    store = make_store(fsync="never", segment_bytes=2048)
+    await store.start()
+    for session_id in ("session-one", "session-two", "session-six"):
+        store.create(make_meta(session_id))
+    await store.add_alias("session-one", "resp_one")
+    await store.add_alias("session-two", "resp_two")
+    await store.add_alias("session-six", "resp_old")
+    await store.add_alias("session-six", "resp_six")  # the newest alias of a session wins
+    for number in range(1, 60):  # the aliases end up in sealed, indexed segments
+        await append_events(store, "session-one", number, 1)
+        await store.flush()
+    store.end("session-one", COMPLETE, "", 5000)
+    await store.delete("session-two")
+    assert await store.resolve_alias("resp_two") is None
+    with pytest.raises(SessionNotFound):
+        await store.add_alias("session-two", "resp_late")
+    with pytest.raises(ValueError):
+        await store.add_alias("session-one", "not an alias")
+    await store.close()
+    assert len(list(store._directory.glob("*.idx"))) >= 2
+    if not keep_indexes:
+        for index in store._directory.glob("*.idx"):
+            index.unlink()
+
+    reopened = make_store(fsync="never", segment_bytes=2048)
+    await reopened.start()
+    assert await reopened.resolve_alias("resp_one") == "session-one"
+    assert await reopened.resolve_alias("resp_six") == "session-six"
+    assert await reopened.resolve_alias("resp_old") is None
+    assert await reopened.resolve_alias("resp_two") is None
+    info = await reopened.get("session-one")
+    assert info is not None and (info.alias, info.state, info.events) == ("resp_one", COMPLETE, 59)
+    await reopened.close()

@@ -119,11 +119,13 @@ def test_index_file_round_trips_and_rejects_damage(tmp_path: Path) -> None:
     log = open_log(tmp_path)
     SyncWriter(log).batch([("session-a", 3), ("session-b", 2)])
     segment = log.segments[0]
+    segment.runs[1].alias = "resp_b"
     data = encode_index(segment.size, segment.records, segment.runs)
     size, records, runs = decode_index(data, 0)
     assert (size, records) == (segment.size, segment.records)
     assert [list(run.first_events) for run in runs] == [[1], [1]]
     assert runs[0].meta == segment.runs[0].meta
+    assert [run.alias for run in runs] == [None, "resp_b"]
     damaged = bytearray(data)
     damaged[20] ^= 1
     with pytest.raises(ValueError):

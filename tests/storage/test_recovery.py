@@ -21,6 +21,7 @@ from proxy.storage.log import HEADER, segment_name
 
 SESSION = "session-aaaa"
 OTHER = "session-bbbb"
+ALIAS = "resp_0123456789abcdef"
 
 
 def make_meta(session_id: str) -> SessionMeta:
@@ -33,25 +34,37 @@ def event(number: int) -> bytes:
 
 @dataclass
 class Written:
-    """Where each event's record landed: event number -> (segment path, offset, length)."""
+    """Where each event's record landed: event number -> (segment path, offset, length),
+    and where the session's ALIAS record did, if it got one."""
 
     directory: Path
     records: dict[int, tuple[Path, int, int]]
+    alias: tuple[Path, int, int] | None = None
 
     def segments(self) -> list[Path]:
         return sorted(self.directory.glob("*.log"))
 
 
-async def write_session(directory: Path, events: int, segment_bytes: int = 1 << 20) -> Written:
-    """One session, one event per record; a second session shares the segments."""
+async def write_session(
+    directory: Path, events: int, segment_bytes: int = 1 << 20, alias_after: int | None = None
+) -> Written:
+    """One session, one event per record; a second session shares the segments. With
+    `alias_after` n, the session gets the alias ALIAS right after its event n."""
     store = DiskStore(StorageConfig(dir=directory, fsync="never", segment_bytes=segment_bytes))
     await store.start()
     store.create(make_meta(SESSION))
     store.create(make_meta(OTHER))
+    alias = None
     for number in range(1, events + 1):
         store.append(SESSION, number, event(number), [len(event(number))], 1000 + number)
         store.append(OTHER, number, event(number), [len(event(number))], 1000 + number)
         await store.flush()
+        if number == alias_after:
+            current = store._log.current
+            assert current is not None
+            before = current.size
+            await store.add_alias(SESSION, ALIAS)
+            alias = (current.path, before, current.size - before)
     slog = store._log.sessions[SESSION]
     records = {}
     for run in slog.event_runs:
@@ -59,7 +72,7 @@ async def write_session(directory: Path, events: int, segment_bytes: int = 1 << 
         for first, offset, length in zip(run.first_events, run.offsets, run.lengths, strict=True):
             records[first] = (path, offset, length)
     await store.close()
-    return Written(directory, records)
+    return Written(directory, records, alias)
 
 
 async def surviving_events(directory: Path) -> tuple[list[int], DiskStore]:
@@ -140,6 +153,69 @@ async def test_damaged_newest_segment_recovers_exactly_the_whole_records(
         data, count = await store.read(SESSION, 1, 1 << 20)
         assert count == len(survivors)
         assert data == b"".join(event(n) for n in survivors)
+    finally:
+        await store.close()
+
+
+def alias_record(w: Written) -> tuple[Path, int, int]:
+    assert w.alias is not None
+    return w.alias
+
+
+def torn_alias_header(w: Written) -> None:
+    path, offset, _ = alias_record(w)
+    os.truncate(path, offset + 5)
+
+
+def torn_alias_payload(w: Written) -> None:
+    path, offset, length = alias_record(w)
+    os.truncate(path, offset + length - 2)
+
+
+def flipped_bit_in_alias(w: Written) -> None:
+    path, offset, length = alias_record(w)
+    flip(path, offset + length - 1)
+
+
+def zero_filled_alias(w: Written) -> None:
+    path, offset, length = alias_record(w)
+    with open(path, "r+b") as file:
+        file.seek(offset)
+        file.write(bytes(length))
+
+
+def no_damage(w: Written) -> None:
+    alias_record(w)
+
+
+# An ALIAS record (type 5) torn or damaged in the newest segment: recovery cuts the log there
+# like at any bad record, so the session keeps the events before it and has no alias.
+ALIAS_CASES: list[tuple[str, Damage, list[int], str | None]] = [
+    ("intact", no_damage, list(range(1, 11)), ALIAS),
+    ("torn alias header", torn_alias_header, list(range(1, 6)), None),
+    ("torn alias payload", torn_alias_payload, list(range(1, 6)), None),
+    ("flipped bit in alias", flipped_bit_in_alias, list(range(1, 6)), None),
+    ("zero-filled alias", zero_filled_alias, list(range(1, 6)), None),
+]
+
+
+@pytest.mark.parametrize(
+    ("damage", "survivors", "alias"), [c[1:] for c in ALIAS_CASES], ids=[c[0] for c in ALIAS_CASES]
+)
+async def test_damaged_alias_record_recovers_exactly_the_whole_records(
+    tmp_path: Path, damage: Damage, survivors: list[int], alias: str | None
+) -> None:
+    written = await write_session(tmp_path, 10, alias_after=5)
+    damage(written)
+    events, store = await surviving_events(tmp_path)
+    try:
+        assert events == survivors
+        info = await store.get(SESSION)
+        assert info is not None
+        assert (info.state, info.events, info.alias) == (INTERRUPTED, survivors[-1], alias)
+        assert await store.resolve_alias(ALIAS) == (SESSION if alias else None)
+        other = await store.get(OTHER)
+        assert other is not None and other.alias is None
     finally:
         await store.close()
 

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.config import RetentionConfig, StorageConfig
-from proxy.errors import SessionConflict
+from proxy.errors import SessionConflict, SessionNotFound
 from proxy.storage.base import (
     CANCELLED,
     COMPLETE,
@@ -374,3 +374,40 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
     finally:
         await store.close()
         server.stop()
+
+
+async def test_an_alias_resolves_on_every_replica_and_expires_with_its_session(
+    redis_url: str,
+) -> None:
+    store = RedisStore(storage(redis_url, ttl=60))
+    other = RedisStore(storage(redis_url, ttl=60))
+    await store.start()
+    await other.start()
+    client = Redis.from_url(redis_url)
+    try:
+        store.create(meta())
+        append(store, "session-0001", 1, 1)
+        await store.add_alias("session-0001", "resp_abc")
+        assert await other.resolve_alias("resp_abc") == "session-0001"
+        info = await other.get("session-0001")
+        assert info is not None and info.alias == "resp_abc"
+        assert await client.pttl("rp:alias:{resp_abc}") > 3600_000  # live: beyond the ttl
+        store.end("session-0001", COMPLETE, "", time.time_ns())
+        await store.flush()
+        for key in ("rp:alias:{resp_abc}", "rp:{session-0001}:meta"):
+            assert 0 < await client.pttl(key) <= 60_000
+        # A newer session given the same alias takes it; the first no longer answers to it.
+        store.create(meta("session-0002"))
+        await store.add_alias("session-0002", "resp_abc")
+        assert await other.resolve_alias("resp_abc") == "session-0002"
+        await store.delete("session-0002")
+        assert await other.resolve_alias("resp_abc") is None  # a stale key names nothing
+        assert await other.resolve_alias("resp_never") is None
+        with pytest.raises(SessionNotFound):
+            await other.add_alias("session-0002", "resp_late")
+        with pytest.raises(ValueError):
+            await store.add_alias("session-0001", "two words")
+    finally:
+        await client.aclose()
+        await other.close()
+        await store.close()
