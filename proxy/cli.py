@@ -62,16 +62,7 @@ def serve(
     log_level: str | None,
 ) -> None:
     """Run the proxy."""
-    config = _load(
-        config_path,
-        {
-            "server.host": host,
-            "server.port": port,
-            "upstream.url": upstream,
-            "storage.dir": data_dir,
-            "server.log_level": log_level,
-        },
-    )
+    config = _load(config_path, serve_overrides(host, port, upstream, data_dir, log_level))
     setup_logging(config.server.log_level, config.server.log_format)
     _use_uvloop()
     from .app import build_app
@@ -90,6 +81,24 @@ def serve(
         _fail(f"error: storage: {exc}")
     except OSError as exc:
         _fail(f"error: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+
+
+def serve_overrides(
+    host: str | None,
+    port: str | None,
+    upstream: str | None,
+    data_dir: str | None,
+    log_level: str | None,
+) -> dict[str, str | None]:
+    """The config keys `serve`'s flags set (None leaves them to the file or the default).
+    The container's health check builds a running proxy's Config through this too."""
+    return {
+        "server.host": host,
+        "server.port": port,
+        "upstream.url": upstream,
+        "storage.dir": data_dir,
+        "server.log_level": log_level,
+    }
 
 
 def _upstream_name(config: Config) -> str:

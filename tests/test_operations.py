@@ -1,10 +1,11 @@
-"""What an operator relies on: metrics that move, parseable logs without secrets, the image."""
+"""What an operator relies on: metrics that move, parseable logs without secrets, health.
+
+The image itself is built and run in tests/test_container.py.
+"""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config
 
-from .helpers import ROOT, ProxyProcess, ScriptedUpstream, read_sse, run_proxy
+from .helpers import ProxyProcess, ScriptedUpstream, read_sse, run_proxy
 
 SECRET = "sk-very-secret-value"
 BODY = {
@@ -153,23 +154,3 @@ def test_healthz_reports_ok(tmp_path: Path) -> None:
         proxy.terminate()
     assert health.status_code == 200
     assert health.json()["storage"] == "ok"
-
-
-def _docker_engine() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "info"], capture_output=True, timeout=20).returncode == 0
-
-
-@pytest.mark.skipif(not _docker_engine(), reason="no container engine runs on this machine")
-def test_image_builds_and_answers_healthz() -> None:
-    tag = "resumable-proxy:test"
-    subprocess.run(["docker", "build", "-t", tag, str(ROOT)], check=True, timeout=600)
-    run = subprocess.run(
-        ["docker", "run", "--rm", "--entrypoint", "resumable-proxy", tag, "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert "version" in run.stdout
