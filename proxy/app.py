@@ -104,6 +104,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except ProxyError as exc:
         if (started := _already_started(request, exc)) is not None:
             return started
+        if exc.status in (502, 504):
+            # The upstream failed us (unreachable, no fds left to reach it, no answer): the
+            # operator must be able to see it, not only the client.
+            log.warning("%s %s: %s: %s", request.method, request.path, exc.code, exc.message)
         response = web.json_response(exc.body(), status=exc.status)
         if exc.closes_connection:
             await _send_and_close(request, response)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import logging
 import re
 import socket
 from collections.abc import Callable
@@ -203,13 +204,21 @@ async def test_body_over_limit_is_413(config_for: Callable[..., Config]) -> None
                 assert r.status == 413
 
 
-async def test_unreachable_upstream_is_502(config_for: Callable[..., Config]) -> None:
+async def test_unreachable_upstream_is_502_and_logged(
+    config_for: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     async with run_proxy(config_for(dead)) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as caught:
+        with (
+            caplog.at_level(logging.WARNING, logger="proxy.app"),
+            pytest.raises(openai.InternalServerError) as caught,
+        ):
             await client.chat.completions.create(**CHAT)
         await client.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.app"]
+    error = caught.value.body["message"]  # type: ignore[index]
+    assert lines == [f"POST /v1/chat/completions: upstream_unavailable: {error}"]
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unavailable"
     assert caught.value.body["type"] == "resumable_proxy_error"
