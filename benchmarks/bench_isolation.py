@@ -4,7 +4,7 @@
 
 1. Upstream faults (`tests/faults/test_upstream_faults.py`): a normal 40-event stream, paced
    10 ms, alone and then beside each fault (cut mid-event, stall past idle_timeout, a 10 MB
-   line, binary garbage, ..., and one gzip read that inflates to 24 MB), through the
+   line, binary garbage, ..., and one gzip read that inflates to 42 MB), through the
    in-process proxy. Reported: seconds alone and beside, and their ratio (1.0: the fault
    costs its neighbour nothing).
 2. The framer on an unfinished event fed in 1 KiB reads: seconds for 2 MiB and for 8 MiB.
@@ -47,10 +47,11 @@ from tests.faults.test_upstream_faults import (  # noqa: E402
     read_fault,
     timed_normal_stream,
 )
+from tests.faults.test_upstream_faults import GZIP_BOMB as GZIP_BOMB_PLAIN  # noqa: E402
 from tests.helpers import ProxyProcess, make_config, mock_stream_body, run_proxy  # noqa: E402
 
-# 24 MB of events in about 60 KB of gzip: one upstream read that inflates past a log record.
-GZIP_BOMB = Fault(gzip_stream(gzip.compress((b"data: " + b"x" * 4000 + b"\n\n") * 6000, 9)), b"")
+# 42 MB of events in 45 KB of gzip: one upstream read that inflates past a log record.
+GZIP_BOMB = Fault(gzip_stream(gzip.compress(GZIP_BOMB_PLAIN, 9)), b"")
 
 
 async def fault_pace(name: str, runs: int) -> dict[str, Any]:

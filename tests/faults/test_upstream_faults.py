@@ -263,6 +263,8 @@ def test_a_line_past_the_limit_in_small_reads_is_rejected_at_the_limit() -> None
     assert accepted <= MAX_EVENT_BYTES < accepted + len(piece)  # the read that crossed it
 
 
+# 700 events of 60 KB and [DONE]: 42 MB that gzip packs into 45 KB.
+GZIP_BOMB = (b"data: " + b"x" * 60_000 + b"\n\n") * 700 + b"data: [DONE]\n\n"
 GZIP_HEAD = SSE_HEAD.replace(b"\r\n\r\n", b"\r\nContent-Encoding: gzip\r\n\r\n")
 
 
@@ -277,13 +279,12 @@ def gzip_stream(body: bytes) -> Route:
 async def test_a_gzip_read_inflating_far_past_the_largest_record_is_relayed_and_logged_whole(
     config_for: Callable[..., Config],
 ) -> None:
-    """About 60 KB of gzip in one read inflate to 24 MB of events (a log record holds at most
-    16 MiB): inflated a slice at a time, every event is relayed and logged and the session
-    completes, where one read of it used to leave the session streaming forever."""
-    event = b"data: " + b"x" * 4000 + b"\n\n"
-    plain = event * 6000 + b"data: [DONE]\n\n"
+    """45 KB of gzip in one read inflate to 42 MB of events, past the largest log record (the
+    32 MiB segment): inflated a slice at a time, every event is relayed and logged and the
+    session completes, where that one read used to leave the session streaming forever."""
+    plain = GZIP_BOMB
     packed = gzip.compress(plain, 9)
-    assert len(packed) < 128 * 1024 and len(plain) > 24 * 10**6
+    assert len(packed) < 64 * 1024 and len(plain) > 40 * 10**6
     upstream = await RawUpstream({"/fault": gzip_stream(packed)}).start()
     try:
         async with run_proxy(config_for(upstream.url)) as proxy:
@@ -298,7 +299,7 @@ async def test_a_gzip_read_inflating_far_past_the_largest_record_is_relayed_and_
     assert response.status == 200 and "Content-Encoding" not in response.headers
     expected, _ = SSEFramer().feed(plain)
     assert body == expected  # every event, numbered, decoded
-    assert (info["state"], info["events"]) == ("complete", 6001)
+    assert (info["state"], info["events"]) == ("complete", 701)
 
 
 async def test_gzip_that_does_not_inflate_ends_the_session_failed(
