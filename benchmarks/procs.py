@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -109,8 +110,19 @@ class Server:
             _running.remove(self)
 
 
-def redis_available() -> bool:
-    return Path(REDIS_SERVER).exists()
+def redis_missing() -> str | None:
+    """Why the proxy-redis columns cannot run, or None when they can.
+
+    They need Debian's `redis-server` and the `redis` and `hiredis` packages in this
+    interpreter, which is also the one that runs the proxy (`serve` with `storage.backend:
+    redis` exits at start-up without them).
+    """
+    if not Path(REDIS_SERVER).exists():
+        return "redis-server not found"
+    for package in ("redis", "hiredis"):
+        if importlib.util.find_spec(package) is None:
+            return f"the {package} package is not installed (pip install 'resumable-proxy[redis]')"
+    return None
 
 
 def start_redis(work_dir: Path, name: str = "redis-server", *extra: str) -> Server:

@@ -38,7 +38,7 @@ from procs import (
     Server,
     cpu_seconds,
     free_port,
-    redis_available,
+    redis_missing,
     rss_bytes,
     start_redis,
     start_redis_cluster,
@@ -637,7 +637,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             server = _proxy_starter(tmp, upstream.port, _uvloop_available(), fsync="always")()
             targets.ports[PROXY_ALWAYS], targets.servers[PROXY_ALWAYS] = server.port, server
             targets.only[PROXY_ALWAYS] = ("latency 100",)
-            if redis_available():
+            missing = redis_missing()
+            if missing is None:
                 redis = start_redis(tmp / "redis")
                 targets.servers[REDIS] = redis
                 redis_url = f"redis://127.0.0.1:{redis.port}/0"
@@ -664,7 +665,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for name in targets.stores:
                     targets.only[name] = plan.redis_workloads
             else:
-                report.progress("redis-server not found: the proxy-redis column is skipped")
+                report.progress(f"{missing}: the proxy-redis columns are skipped")
             bench = Bench(plan, generator, targets)
             results["targets"] = targets.names
             results["throughput"] = {

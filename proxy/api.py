@@ -5,12 +5,14 @@ Handlers raise `ProxyError`s; the error middleware in `app.py` turns them into J
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import aiofiles
@@ -27,8 +29,10 @@ from .access import (
     session_token,
     token_opens,
 )
-from .config import Config
+from .config import SESSION_ID_PATTERN, Config
 from .errors import (
+    InvalidCursor,
+    InvalidLimit,
     InvalidOffset,
     InvalidState,
     NotFound,
@@ -37,7 +41,7 @@ from .errors import (
     SessionNotFound,
 )
 from .metrics import Metrics
-from .readers import EventStreamResponse, follow
+from .readers import EventStreamResponse, error_event, follow
 from .relay import (
     UpstreamRequest,
     build_upstream_request,
@@ -49,7 +53,16 @@ from .relay import (
     send_upstream,
 )
 from .sessions import SessionManager, check_session_id, new_session_id
-from .storage.base import COMPLETE, STATES, STREAMING, SessionInfo, SessionMeta, SessionStore
+from .storage.base import (
+    COMPLETE,
+    FAILED,
+    STATES,
+    STREAMING,
+    SessionInfo,
+    SessionMeta,
+    SessionStore,
+    StorageError,
+)
 from .summary import iso_time, session_details, session_summary
 from .upstream import Origin, UpstreamConnection
 
@@ -59,6 +72,8 @@ SESSION_ID = web.RequestKey("session_id", str)
 EVENTS_SENT = web.RequestKey("events_sent", int)
 
 _OFFSET = re.compile(r"^\s*(\d{1,18})\s*$", re.ASCII)  # `\d` alone takes "٣" as 3
+DEFAULT_PAGE = 100  # sessions per GET /sessions page without ?limit=
+MAX_PAGE = 1000
 # Headers a replay sends again; the rest of the upstream's headers described that one reply.
 _REPLAY_HEADERS = frozenset(
     {"content-type", "openai-model", "openai-organization", "openai-version", "x-request-id"}
@@ -79,6 +94,16 @@ def body_digest(body: bytes) -> str:
     return hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+def parse_limit(value: str | None) -> int:
+    """`?limit=` of GET /sessions: 1..MAX_PAGE, DEFAULT_PAGE when absent."""
+    if value is None:
+        return DEFAULT_PAGE
+    match = _OFFSET.match(value)
+    if match is None or not 1 <= int(match.group(1)) <= MAX_PAGE:
+        raise InvalidLimit(f"limit must be an integer from 1 to {MAX_PAGE}, got {value[:40]!r}")
+    return int(match.group(1))
+
+
 def parse_offset(value: str, source: str) -> int:
     match = _OFFSET.match(value)
     if match is None:
@@ -95,6 +120,8 @@ class Api:
     origin: Origin
     metrics: Metrics
     token_key: bytes | None = None  # None: capability tokens are off (session.tokens)
+    # Client-chosen ids whose first request waits for upstream's headers right now.
+    _creating: dict[str, asyncio.Future[None]] = field(default_factory=dict)
 
     @property
     def store(self) -> SessionStore:
@@ -116,14 +143,45 @@ class Api:
         self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
     ) -> web.StreamResponse:
         """Replay the session the client named, or send the request upstream and relay it."""
-        if requested_id is not None:
+        if requested_id is None:
+            return await self._forward(request, outgoing, None)
+        while True:
             info = await self.store.get(requested_id)
             if info is not None:
                 return await self._replay_repeat(request, info, outgoing)
+            creating = self._creating.get(requested_id)
+            if creating is None:
+                break
+            # An SDK retry (or a second tab) with the same id while the first request still
+            # waits for upstream's headers: wait, then replay what it started (or, if it
+            # started no session, ask upstream ourselves).
+            await asyncio.shield(creating)
+        creating = self._creating[requested_id] = asyncio.get_running_loop().create_future()
+        try:
+            return await self._forward(request, outgoing, requested_id)
+        finally:
+            self._created(requested_id, creating)
+
+    async def _forward(
+        self, request: web.Request, outgoing: UpstreamRequest, requested_id: str | None
+    ) -> web.StreamResponse:
         upstream, sent_ns = await self.send(outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
         return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
+
+    def _created(self, session_id: str, creating: asyncio.Future[None] | None = None) -> None:
+        """Wake the requests waiting for the creation of `session_id` (it now exists in the
+        store, or the request that was to create it is done)."""
+        current = self._creating.get(session_id)
+        if creating is None:
+            creating = current
+        if creating is None:
+            return
+        if current is creating:
+            del self._creating[session_id]
+        if not creating.done():
+            creating.set_result(None)
 
     async def send(
         self, outgoing: UpstreamRequest
@@ -176,6 +234,8 @@ class Api:
                 upstream.close()
                 raise
         self.manager.start(meta, upstream)
+        if requested_id is not None:
+            self._created(requested_id)
         return meta, headers
 
     async def serve_new_session(
@@ -271,6 +331,9 @@ class Api:
             await response.write_eof()
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             log.debug("reader of session %s left", session_id)
+        except StorageError as exc:
+            log.error("session %s: a reader stopped at a storage error: %s", session_id, exc)
+            await end_stream(request, response, error_event(FAILED, f"storage error: {exc}"))
         finally:
             self.metrics.reader_left()
         return response
@@ -334,23 +397,48 @@ class Api:
         return await self.store.get(info.session_id) or info
 
     async def list_sessions(self, request: web.Request) -> web.Response:
+        """The caller's sessions, newest first, a page at a time (`?limit=&after=<id>`).
+
+        A page is bounded so that one listing never holds the loop for long, whatever the
+        number of sessions; `after` is the last id of the previous page (`last_id`), and
+        must be a session the caller may see (anything else is the same 400, so the cursor
+        reveals nothing about other callers' ids).
+        """
         state = request.query.get("state")
         if state is not None and state not in STATES:
             raise InvalidState(f"state must be one of {', '.join(STATES)}, got {state[:40]!r}")
+        limit = parse_limit(request.query.get("limit"))
         admin = is_admin(request, self.config)
         if not admin and credential(request, self.config) is None:
             raise NotFound("no sessions for this caller")
         caller = credential_digest(request, self.config)
-        sessions = [
-            session_summary(info)
-            for info in await self.store.list()
-            if (admin or info.meta.credential_sha256 == caller)
-            and (state is None or info.state == state)
-        ]
-        return web.json_response({"object": "list", "data": sessions})
+        after = None
+        cursor = request.query.get("after")
+        if cursor is not None:
+            after = await self.store.get(cursor) if SESSION_ID_PATTERN.fullmatch(cursor) else None
+            if after is None or not may_access(request, self.config, after):
+                raise InvalidCursor(
+                    f"after must be the id of one of your sessions, got {cursor[:40]!r}"
+                )
+
+        def keep(info: SessionInfo) -> bool:
+            return (admin or info.meta.credential_sha256 == caller) and (
+                state is None or info.state == state
+            )
+
+        page, more = await self.store.page(after, limit, keep)
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [session_summary(info) for info in page],
+                "first_id": page[0].session_id if page else None,
+                "last_id": page[-1].session_id if page else None,
+                "has_more": more,
+            }
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
-        healthy = self.store.healthy
+        healthy = await self.store.check_health()
         body = {
             "status": "ok" if healthy else "unhealthy",
             "storage": "ok" if healthy else "unwritable",
@@ -377,6 +465,17 @@ class Api:
         return web.Response(
             body=await client_file("demo.html"), content_type="text/html", charset="utf-8"
         )
+
+
+async def end_stream(request: web.Request, response: web.StreamResponse, final: bytes) -> None:
+    """End an event stream whose headers may already be out: its status cannot change any
+    more, so the reader gets the contract's final error event and the connection closes
+    (a JSON error here would be a second response inside the first one's body)."""
+    with contextlib.suppress(ConnectionError):
+        await response.write(final)
+        await response.write_eof()
+    if request.transport is not None:
+        request.transport.close()
 
 
 _CLIENT_FILES: dict[str, bytes] = {}

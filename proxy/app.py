@@ -24,7 +24,6 @@ from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
 from .errors import (
     ERROR_TYPE,
-    BodyTooLarge,
     MethodNotAllowed,
     ProxyError,
     StorageUnavailable,
@@ -41,6 +40,8 @@ from .upstream import Origin
 log = logging.getLogger("proxy.app")
 access_log = logging.getLogger("proxy.access")
 
+STARTED = web.RequestKey("started", web.StreamResponse)
+LINGER = 1.0  # seconds aiohttp reads a body nobody wanted after the answer, before closing
 CONFIG = web.AppKey("config", Config)
 API = web.AppKey("api", Api)
 RESPONSES = web.AppKey("responses", BackgroundResponses)
@@ -54,29 +55,81 @@ def _json_error(status: int, code: str, message: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
+async def _note_started(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: remember the response whose status line is going out."""
+    request[STARTED] = response
+
+
+def _already_started(request: web.Request, exc: BaseException) -> web.StreamResponse | None:
+    """An error after a response was prepared cannot become an error response: its status
+    line is out, and JSON written now would land inside its body (a second HTTP response
+    that breaks every client's parser). The connection is closed instead, so the client
+    sees a cut body; readers of event streams get their final error event in the API."""
+    started = request.get(STARTED)
+    if started is None:
+        return None
+    log.error(
+        "error on %s %s after its response started: %s; closing the connection",
+        request.method,
+        request.path,
+        exc,
+        exc_info=not isinstance(exc, ProxyError | StorageError),
+    )
+    if request.transport is not None:
+        request.transport.close()
+    return started
+
+
+async def _send_and_close(request: web.Request, response: web.StreamResponse) -> None:
+    """Send an error whose request body is not (all) read, then end the connection.
+
+    Closing at once could reset the connection (unread bytes make the kernel send RST)
+    before the client reads the answer, so our side is shut (FIN) right after the answer;
+    aiohttp then reads and drops what is left of the body for at most LINGER seconds (its
+    default of 10 s is what a client trickling a body forever wants) and closes.
+    """
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    transport = request.transport
+    if transport is not None and not transport.is_closing() and transport.can_write_eof():
+        transport.write_eof()
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The one place where exceptions become the contract's JSON error shape."""
     try:
         return await handler(request)
     except ProxyError as exc:
+        if (started := _already_started(request, exc)) is not None:
+            return started
+        if exc.status in (502, 504):
+            # The upstream failed us (unreachable, no fds left to reach it, no answer): the
+            # operator must be able to see it, not only the client.
+            log.warning("%s %s: %s: %s", request.method, request.path, exc.code, exc.message)
         response = web.json_response(exc.body(), status=exc.status)
-        if isinstance(exc, BodyTooLarge):
-            # The rest of the body is still on its way; closing beats reading it to discard.
-            response.force_close()
+        if exc.closes_connection:
+            await _send_and_close(request, response)
         return response
     except StorageError as exc:
+        if (started := _already_started(request, exc)) is not None:
+            return started
         log.error("storage unavailable on %s %s: %s", request.method, request.path, exc)
         failure = StorageUnavailable("the session store is unavailable; try again shortly")
         return web.json_response(failure.body(), status=failure.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if (started := _already_started(request, exc)) is not None:
+            return started
         code = exc.reason.lower().replace(" ", "_")
         return _json_error(exc.status, code, exc.reason)
     except (ConnectionResetError, aiohttp.ClientConnectionResetError):
         raise
-    except Exception:
+    except Exception as exc:
+        if (started := _already_started(request, exc)) is not None:
+            return started
         log.exception("unhandled error on %s %s", request.method, request.path)
         return _json_error(500, "internal_error", "internal error in resumable-proxy")
 
@@ -214,13 +267,14 @@ def build_app(config: Config) -> web.Application:
             error_middleware,
         ],
         client_max_size=config.server.max_body_bytes + 1,
-        handler_args={"max_field_size": 65536, "max_line_size": 65536},
+        handler_args={"max_field_size": 65536, "max_line_size": 65536, "lingering_time": LINGER},
     )
     app[CONFIG] = config
     app[METRICS] = metrics
     app.cleanup_ctx.append(_lifecycle)
     app.on_shutdown.append(_shutdown)
     app.on_response_prepare.append(cors_on_prepare(config))
+    app.on_response_prepare.append(_note_started)
 
     _add_owned(app, "/sessions", GET="list_sessions")
     _add_owned(app, "/sessions/{session_id}", GET="get_session", DELETE="delete_session")

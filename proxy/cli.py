@@ -83,24 +83,11 @@ def serve(
 
 def _serve_one(config: Config, ready: Callable[[], None], reuse_port: bool = False) -> None:
     """The proxy in this process until SIGTERM/SIGINT; `ready` once it listens."""
-    from aiohttp import web
-
     from .app import build_app
+    from .server import run
 
-    app = build_app(config)
     try:
-        web.run_app(
-            app,
-            host=config.server.host,
-            port=config.server.port,
-            access_log=None,
-            # aiohttp's default of 128 drops SYNs when a burst of clients (a deploy, a
-            # reconnect storm after a network blip) arrives at once; the kernel caps it anyway.
-            backlog=4096,
-            reuse_port=reuse_port,
-            shutdown_timeout=config.server.shutdown_grace + 5,
-            print=lambda _: ready(),
-        )
+        run(build_app(config), config, announce=ready, reuse_port=reuse_port)
     except StorageError as exc:
         _fail(f"error: storage: {exc}")
     except OSError as exc:

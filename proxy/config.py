@@ -16,8 +16,9 @@ from typing import Any
 
 import yaml
 
-SESSION_ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+# Used with fullmatch: `$` would also accept a final newline ("abcdefgh\n" from `%0A`).
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{8,128}")
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -50,6 +51,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     max_body_bytes: int = 32 * 1024 * 1024
+    body_timeout: float = 30.0  # a request body not received in full by then gets 408
+    max_connections: int = 10_000  # open client connections; beyond it new ones get 503
     shutdown_grace: float = 10.0
     cors_origins: tuple[str, ...] = ()
     demo: bool | None = None  # None: on exactly when the upstream is the built-in mock
@@ -243,7 +246,7 @@ def _in_range(parse: Callable[[Any], Any], low: float, high: float) -> Callable[
 
 def _header_name(value: Any) -> str:
     text = _as_str(value)
-    if not _HEADER_NAME.match(text):
+    if not _HEADER_NAME.fullmatch(text):
         raise ValueError(f"expected an HTTP header name, got {value!r}")
     return text
 
@@ -295,6 +298,8 @@ _SCHEMA: dict[str, dict[str, Callable[[Any], Any]]] = {
         "host": _as_str,
         "port": _in_range(_as_int, 0, 65535),
         "max_body_bytes": _in_range(_as_size, 1, 2**40),
+        "body_timeout": _in_range(_as_duration, 0.001, 86400),
+        "max_connections": _in_range(_as_int, 1, 10_000_000),
         "shutdown_grace": _as_duration,
         "cors_origins": _as_str_list,
         "demo": _as_optional_bool,

@@ -12,6 +12,7 @@ ERROR_TYPE = "resumable_proxy_error"
 class ProxyError(Exception):
     status = 500
     code = "internal_error"
+    closes_connection = False  # True: the connection is closed after the error is sent
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -36,6 +37,14 @@ class InvalidOffset(BadRequest):
 
 class InvalidState(BadRequest):
     code = "invalid_state"
+
+
+class InvalidLimit(BadRequest):
+    code = "invalid_limit"
+
+
+class InvalidCursor(BadRequest):
+    code = "invalid_cursor"
 
 
 class SessionNotFound(ProxyError):
@@ -63,9 +72,16 @@ class SessionConflict(ProxyError):
     code = "session_conflict"
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    closes_connection = True  # the rest of the body may still trickle in
+
+
 class BodyTooLarge(ProxyError):
     status = 413
     code = "body_too_large"
+    closes_connection = True  # closing beats reading the rest of the body to discard it
 
 
 class OffsetOutOfRange(ProxyError):
@@ -96,3 +112,9 @@ class StorageUnavailable(ProxyError):
 class ShuttingDown(ProxyError):
     status = 503
     code = "shutting_down"
+
+
+class TooManyConnections(ProxyError):
+    status = 503
+    code = "too_many_connections"
+    closes_connection = True

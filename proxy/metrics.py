@@ -59,9 +59,10 @@ class LatencyHistogram:
         self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
         self.total = 0.0
 
-    def observe(self, seconds: float) -> None:
-        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
-        self.total += seconds
+    def observe(self, seconds: float, times: int = 1) -> None:
+        """`times` observations of the same value (events of one read share their times)."""
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += times
+        self.total += seconds * times
 
     def family(self) -> HistogramMetricFamily:
         cumulative = 0
@@ -91,7 +92,7 @@ class Metrics:
         )
         self.inter_event = LatencyHistogram(
             "upstream_inter_event_seconds",
-            "Gap between consecutive upstream reads that carried events",
+            "Gap between consecutive upstream events (0 within one read)",
         )
         self.added_latency = LatencyHistogram(
             "added_latency_seconds",
@@ -126,15 +127,23 @@ class Metrics:
 
     def batch_logged(self, count: int, size: int, gap_ns: int, first: bool) -> None:
         """One upstream read's events; `gap_ns` is since the previous read, or since the
-        request was sent when `first`."""
+        request was sent when `first`.
+
+        Observed per event, as the contract says: the read's first event gets `gap_ns`
+        (its time to first event when `first`), every later one a gap of 0.
+        """
         self.events_logged += count
         self.bytes_logged += size
         (self.upstream_ttfe if first else self.inter_event).observe(gap_ns / 1e9)
+        if count > 1:
+            self.inter_event.observe(0.0, count - 1)
 
     def events_written(self, count: int, added_ns: int | None) -> None:
+        """`count` events written to one reader; `added_ns` is their shared added latency
+        (they arrived in one read) when the reader was following live."""
         self.events_relayed += count
         if added_ns is not None:
-            self.added_latency.observe(added_ns / 1e9)
+            self.added_latency.observe(added_ns / 1e9, count)
 
     # --- scraping --------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from .storage.disk import DiskStore
 from .summary import session_details
 
 _CAT_BATCH_BYTES = 1024 * 1024
-_SEGMENT_NAME = re.compile(r"^\d{20}\.log$")
+_SEGMENT_NAME = re.compile(r"\d{20}\.log\Z")
 
 
 def _open(directory: Path) -> DiskStore:

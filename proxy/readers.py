@@ -21,6 +21,7 @@ from aiohttp import web
 from .errors import ERROR_TYPE, SessionNotFound
 from .sse import KEEPALIVE
 from .storage.base import CANCELLED, ENDED_WITH_ERROR, FAILED, INTERRUPTED, STREAMING, SessionStore
+from .trace import TRACE
 
 # A resume's first write goes out after a small read, so the time to first replayed byte does
 # not grow with the session; later reads are large, so a long replay is few syscalls.
@@ -43,6 +44,12 @@ def error_message(state: str, reason: str) -> str:
     """Why a session that did not complete ended, in words (error events and snapshots)."""
     message = _ERROR_MESSAGES[state]
     return f"{message}: {reason}" if reason else message
+
+
+def deleted_event() -> bytes:
+    """How a reader learns that the session it follows was deleted (`DELETE /sessions/{id}`),
+    live or finished: the same `cancelled` event a reader of a cancelled session gets."""
+    return error_event(CANCELLED, "the session was deleted")
 
 
 def error_event(state: str, reason: str) -> bytes:
@@ -79,6 +86,7 @@ class LiveWriter:
         "_chunked",
         "_done",
         "_on_write",
+        "_session_id",
         "_timer",
         "_transport",
         "keepalive",
@@ -93,7 +101,9 @@ class LiveWriter:
         chunked: bool,
         keepalive: float,
         on_write: OnWrite,
+        session_id: str = "",
     ) -> None:
+        self._session_id = session_id  # for the ordering trace only
         self._transport = transport
         self._chunked = chunked
         self._on_write = on_write
@@ -111,6 +121,8 @@ class LiveWriter:
             or transport.get_write_buffer_size() > PUSH_HIGH_WATER
         ):
             return False
+        if TRACE is not None:
+            TRACE.client_write(self._session_id, first_event + count - 1)
         transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
         self.next_event = first_event + count
         self.last_write = time.monotonic()
@@ -168,8 +180,11 @@ async def follow(
         try:
             data, count = await store.read(session_id, next_event, budget)
         except SessionNotFound:
-            return  # deleted under us: the stream just ends
+            await response.write(deleted_event())
+            return
         if count:
+            if TRACE is not None:
+                TRACE.client_write(session_id, next_event + count - 1)
             await response.write(data)
             headers_sent = True
             budget = READ_BATCH_BYTES
@@ -179,6 +194,7 @@ async def follow(
             continue
         info = await store.get(session_id)
         if info is None:
+            await response.write(deleted_event())
             return
         if info.state != STREAMING:
             if info.events >= next_event:
@@ -192,7 +208,9 @@ async def follow(
         transport = request.transport
         if transport is None or transport.is_closing():
             return
-        writer = LiveWriter(transport, next_event, _is_chunked(response), keepalive, on_write)
+        writer = LiveWriter(
+            transport, next_event, _is_chunked(response), keepalive, on_write, session_id
+        )
         writer.last_write = last_write
         if store.follow_live(session_id, writer):
             try:

@@ -6,6 +6,7 @@ Streams (`text/event-stream`) leave this module at `is_event_stream`: they becom
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
@@ -17,7 +18,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from .config import Config, UpstreamConfig
-from .errors import BodyTooLarge, UpstreamTimeout, UpstreamUnavailable
+from .errors import BodyTooLarge, RequestTimeout, UpstreamTimeout, UpstreamUnavailable
 from .upstream import Origin, UpstreamConnection, open_stream
 
 log = logging.getLogger("proxy.relay")
@@ -56,14 +57,36 @@ def _connection_tokens(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set
     return tokens
 
 
+def header_text(value: str) -> str:
+    """A header value as aiohttp's writers can send it on without losing a byte.
+
+    aiohttp's parsers decode field values as UTF-8 with surrogate escapes and its writers
+    silently skip the surrogates, so obs-text bytes (0x80-0xFF, RFC 9110 §5.5) that are not
+    UTF-8 would vanish from a header it sends. Such a value is read as ISO-8859-1 instead,
+    so every byte arrives as its character; UTF-8 values are left as they are. (Requests on
+    the raw upstream connection, `upstream.py`, send the bytes exactly as they came.)
+    """
+    if value.isascii():
+        return value
+    raw = value.encode("utf-8", "surrogateescape")
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+    return value
+
+
 def forward_headers(request: web.Request, config: Config) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop ones, Host, Content-Length and our session header.
 
     `Accept-Encoding: identity` is requested when the body asks for a stream, because the
     framer needs plain bytes and re-sending a stream under a stale encoding would break it.
+    `Expect` is never forwarded: the proxy answers `100-continue` itself (aiohttp's expect
+    handler) and has the whole body before it calls upstream, where an `Expect` would make
+    the client wait for a `100` that an upstream may never send.
     """
     dropped = HOP_BY_HOP | _connection_tokens(request.headers)
-    own = {"host", "content-length", config.session.header.lower()}
+    own = {"host", "content-length", "expect", config.session.header.lower()}
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in request.headers.items():
         lowered = name.lower()
@@ -85,7 +108,7 @@ def response_headers(
     headers: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.headers.items():
         if name.lower() not in dropped:
-            headers.add(name, value)
+            headers.add(name, header_text(value))
     if stream:
         headers["Cache-Control"] = "no-cache"
         headers["X-Accel-Buffering"] = "no"
@@ -128,7 +151,16 @@ def _target_path(request: web.Request) -> str:
 
 
 async def build_upstream_request(request: web.Request, config: Config) -> UpstreamRequest:
-    body = await read_body(request, config.server.max_body_bytes)
+    timeout = config.server.body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            body = await read_body(request, config.server.max_body_bytes)
+    except TimeoutError:
+        # A client trickling its body would hold a connection (and a file descriptor)
+        # for as long as it likes otherwise.
+        raise RequestTimeout(
+            f"the request body was not received within server.body_timeout ({timeout:g}s)"
+        ) from None
     return UpstreamRequest(
         method=request.method,
         path=_target_path(request),
@@ -179,7 +211,9 @@ async def send_upstream(
 ) -> tuple[aiohttp.ClientResponse, int]:
     """Send the request; returns the response (headers read) and the wall time it was sent."""
     url = URL(base_url + outgoing.path, encoded=True)
-    headers = _stream_headers(outgoing)
+    headers = CIMultiDict(
+        (name, header_text(value)) for name, value in _stream_headers(outgoing).items()
+    )
     sent_ns = time.time_ns()
     try:
         response = await client.request(

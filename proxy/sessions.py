@@ -15,7 +15,7 @@ import logging
 import secrets
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -46,20 +46,40 @@ def new_session_id() -> str:
 
 
 def check_session_id(session_id: str) -> str:
-    if not SESSION_ID_PATTERN.match(session_id):
+    if not SESSION_ID_PATTERN.fullmatch(session_id):
         raise InvalidSessionId("session id must match ^[A-Za-z0-9_-]{8,128}$")
     return session_id
 
 
+INFLATE_SLICE = 1024 * 1024  # most bytes one compressed upstream read inflates to at once
+
+
 class _Decoder:
-    """Undoes gzip/deflate on a stream upstream compressed although we asked it not to."""
+    """Undoes gzip/deflate on a stream upstream compressed although we asked it not to.
+
+    One small compressed read may inflate to gigabytes: it comes out in slices of at most
+    INFLATE_SLICE bytes (far below the log's largest record), each framed and logged before
+    the next is inflated, so memory stays bounded by a slice. Data that does not inflate is
+    a MalformedStream.
+    """
 
     def __init__(self, encoding: str) -> None:
+        self._encoding = encoding
         wbits = 31 if encoding in ("gzip", "x-gzip") else zlib.MAX_WBITS
         self._inflate = zlib.decompressobj(wbits)
 
-    def __call__(self, chunk: bytes) -> bytes:
-        return self._inflate.decompress(chunk)
+    def __call__(self, chunk: bytes) -> Iterator[bytes]:
+        inflate = self._inflate
+        try:
+            piece = inflate.decompress(chunk, INFLATE_SLICE)
+            while True:
+                if piece:
+                    yield piece
+                if not inflate.unconsumed_tail and len(piece) < INFLATE_SLICE:
+                    return
+                piece = inflate.decompress(inflate.unconsumed_tail, INFLATE_SLICE)
+        except zlib.error as exc:
+            raise MalformedStream(f"the {self._encoding} body does not inflate: {exc}") from None
 
 
 class SessionManager:
@@ -205,12 +225,22 @@ class Pump:
         self._stall = _StallWatch(self._config.upstream.idle_timeout, self)
 
     def feed(self, chunk: bytes) -> None:
+        if self._decode is None:
+            self._frame(chunk)
+            return
+        try:
+            for piece in self._decode(chunk):
+                self._frame(piece)
+                if self.done.done():
+                    return
+        except MalformedStream as exc:
+            self.fail(f"malformed stream: {exc}")
+
+    def _frame(self, chunk: bytes) -> None:
         if self.done.done():
             return
         self.reads += 1
         arrival = time.time_ns()
-        if self._decode is not None:
-            chunk = self._decode(chunk)
         framer = self._framer
         first = framer.next_id
         try:

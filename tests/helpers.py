@@ -25,9 +25,10 @@ from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import Config, load_config
+from proxy.server import ProxySite
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures" / "sse"
+FIXTURES = ROOT / "tests" / "fixtures" / "sse"  # a copy of ../shared/fixtures/sse
 
 
 def free_port() -> int:
@@ -63,10 +64,9 @@ async def run_proxy(config: Config) -> AsyncIterator[RunningProxy]:
     app = build_app(config)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=config.server.shutdown_grace)
     await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
+    site = ProxySite(runner, "127.0.0.1", 0, max_connections=config.server.max_connections)
     await site.start()
-    proxy = RunningProxy(f"http://127.0.0.1:{port}", app, runner)
+    proxy = RunningProxy(f"http://127.0.0.1:{site.port}", app, runner)
     try:
         yield proxy
     finally:
@@ -82,6 +82,7 @@ class ProxyProcess:
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    command_prefix: list[str] = field(default_factory=list)  # e.g. strace and its options
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -91,6 +92,7 @@ class ProxyProcess:
 
     def start(self, timeout: float = 15.0) -> ProxyProcess:
         args = [
+            *self.command_prefix,
             sys.executable,
             "-m",
             "proxy",
@@ -157,8 +159,10 @@ class ScriptedUpstream:
     status: int = 200
     content_type: str = "text/event-stream"
     headers: dict[str, str] = field(default_factory=dict)
+    head_delay: float = 0.0  # seconds before the response headers (an upstream thinking)
     calls: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    hung_up: int = 0  # answers the client (the proxy) broke off before the script's end
     url: str = ""
     _runner: web.AppRunner | None = None
 
@@ -186,25 +190,30 @@ class ScriptedUpstream:
                 "body": await request.read(),
             }
         )
+        if self.head_delay:
+            await asyncio.sleep(self.head_delay)
         response = web.StreamResponse(status=self.status)
         response.content_type = self.content_type
         for name, value in self.headers.items():
             response.headers[name] = value
-        await response.prepare(request)
-        for step in self.script:
-            if step is CUT:
-                assert request.transport is not None
-                request.transport.abort()
-                return response
-            if isinstance(step, bytes):
-                await response.write(step)
-            elif isinstance(step, float | int):
-                await asyncio.sleep(step)
-            else:
-                result = step()
-                if asyncio.iscoroutine(result):
-                    await result
-        await response.write_eof()
+        try:
+            await response.prepare(request)
+            for step in self.script:
+                if step is CUT:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return response
+                if isinstance(step, bytes):
+                    await response.write(step)
+                elif isinstance(step, float | int):
+                    await asyncio.sleep(step)
+                else:
+                    result = step()
+                    if asyncio.iscoroutine(result):
+                        await result
+            await response.write_eof()
+        except ConnectionResetError:
+            self.hung_up += 1
         return response
 
 

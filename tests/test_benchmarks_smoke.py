@@ -60,3 +60,21 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
     assert "## 4. Resume" in markdown
     for plot in results["plots"]:
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_proxy_redis_column_is_skipped_without_the_redis_package() -> None:
+    """run.py starts proxy-redis only when `serve` can use Redis: with the package missing
+    (blocked here, as if never installed) the column is skipped with the reason, not a crash
+    at start-up of the proxy."""
+    script = (
+        "import sys; sys.modules['redis'] = None; sys.path.insert(0, 'benchmarks'); "
+        "import procs; print(procs.redis_missing())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() in (
+        "redis-server not found",
+        "the redis package is not installed (pip install 'resumable-proxy[redis]')",
+    )

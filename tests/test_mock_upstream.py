@@ -23,6 +23,8 @@ from openai import AsyncOpenAI
 
 from proxy.mock_upstream import MockServer, serve_mock
 
+from .helpers import ROOT
+
 TOKENS = 6
 MISSING, TYPE, VALUE = "missing_required_parameter", "invalid_type", "invalid_value"
 Json = dict[str, Any]
@@ -342,11 +344,11 @@ async def test_client_hanging_up_mid_stream_logs_no_traceback(
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
-def test_run_mock_upstream_announces_its_url_and_exits_on_sigterm() -> None:
-    code = (
-        "from proxy.mock_upstream import run_mock_upstream; run_mock_upstream('127.0.0.1', 0, 3, 0)"
-    )
-    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+def test_the_mock_upstream_command_serves_its_answers_and_exits_on_sigterm() -> None:
+    """`resumable-proxy mock-upstream --port P --tokens N --interval-ms MS`, as a process."""
+    command = [sys.executable, "-m", "proxy", "mock-upstream", "--port", "0"]
+    command += ["--tokens", "3", "--interval-ms", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert process.stdout is not None
         line = process.stdout.readline()
@@ -355,6 +357,11 @@ def test_run_mock_upstream_announces_its_url_and_exits_on_sigterm() -> None:
         sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         reply = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}])
         assert len((reply.choices[0].message.content or "").split()) == 3
+        stream = sdk.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "a"}], stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert len(text.split()) == 3
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=5) == 0
     finally:

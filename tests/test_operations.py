@@ -11,11 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config
 
-from .helpers import ProxyProcess, read_sse, run_proxy
+from .helpers import ProxyProcess, ScriptedUpstream, read_sse, run_proxy
 
 SECRET = "sk-very-secret-value"
 BODY = {
@@ -69,6 +70,53 @@ async def test_metrics_parse_and_move_with_traffic(config_for: Callable[..., Con
     assert after[("resumable_proxy_storage_healthy", ())] == 1
     assert ("resumable_proxy_log_fsync_seconds_count", ()) in after
     assert session_id not in text
+
+
+async def test_latency_histograms_observe_each_event_not_each_read(
+    upstream: ScriptedUpstream, config_for: Callable[..., Config]
+) -> None:
+    """One event, then 25 in one upstream read, then [DONE]: 27 events, so 1 time to first
+    event, 26 inter-event gaps (24 of them 0: the events that shared a read) and 27 added
+    latencies for the reader that followed live."""
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"t"}}]}\n\n'
+    # Pauses first, too: the reader is following before the first event arrives.
+    upstream.script = [0.2, chunk, 0.2, chunk * 25, 0.2, b"data: [DONE]\n\n"]
+    async with run_proxy(config_for(upstream.url)) as proxy, aiohttp.ClientSession() as http:
+        url = proxy.url + "/v1/chat/completions"
+        caller = {"Authorization": "Bearer sk-metrics"}
+        _, body = await read_sse(http, url, method="POST", json=BODY, headers=caller)
+        async with http.get(proxy.url + "/metrics") as response:
+            after = samples(await response.text())
+    assert body.count(b"\n\n") == 27
+
+    def count(name: str) -> float:
+        return after[(f"resumable_proxy_{name}_count", ())]
+
+    assert count("upstream_time_to_first_event_seconds") == 1
+    assert count("upstream_inter_event_seconds") == 26
+    zero_bucket = ("resumable_proxy_upstream_inter_event_seconds_bucket", (("le", "0.0001"),))
+    assert after[zero_bucket] >= 24
+    assert count("added_latency_seconds") == 27
+
+
+@pytest.mark.parametrize(
+    ("upstream_url", "demo", "status"),
+    [("mock", None, 200), ("mock", "false", 404), ("http://127.0.0.1:9", None, 404),
+     ("http://127.0.0.1:9", "true", 200)],
+    ids=["mock-default", "mock-off", "real-default", "real-on"],
+)  # fmt: skip
+async def test_server_demo_turns_the_demo_page_on_and_off(
+    config_for: Callable[..., Config], upstream_url: str, demo: str | None, status: int
+) -> None:
+    overrides = {} if demo is None else {"server.demo": demo}
+    async with run_proxy(config_for(upstream_url, **overrides)) as proxy:
+        async with aiohttp.ClientSession() as http, http.get(proxy.url + "/demo") as response:
+            assert response.status == status
+            if status == 200:
+                assert response.content_type == "text/html"
+                assert "resume.js" in await response.text()
+            else:
+                assert (await response.json())["error"]["code"] == "not_found"
 
 
 def test_json_log_lines_parse_and_hold_no_secrets(tmp_path: Path) -> None:

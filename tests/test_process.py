@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,8 +68,9 @@ def test_kill9_mid_stream_then_restart_keeps_every_event_a_client_saw(
     assert final["error"]["code"] == "interrupted"
 
 
-def test_sigterm_lets_live_streams_finish_within_grace_and_exits_0(
-    proxies: list[ProxyProcess], tmp_path: Path
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_lets_live_streams_finish_within_grace_and_exits_0(
+    proxies: list[ProxyProcess], tmp_path: Path, stop: signal.Signals
 ) -> None:
     proxy = start(proxies, tmp_path / "data")
     with httpx.Client(timeout=20) as http:
@@ -79,7 +80,7 @@ def test_sigterm_lets_live_streams_finish_within_grace_and_exits_0(
             chunks = response.iter_raw()
             seen = read_events(chunks, 3)
             assert proxy.process is not None
-            proxy.process.terminate()
+            proxy.process.send_signal(stop)
             rest = b"".join(chunks)
     assert proxy.process.wait(20) == 0
     whole = seen + rest
@@ -105,12 +106,11 @@ def test_sigterm_past_grace_ends_streams_interrupted_with_error_event(
             chunks = response.iter_raw()
             seen = read_events(chunks, 3)
             assert proxy.process is not None
-            started = time.monotonic()
             proxy.process.terminate()
             rest = b"".join(chunks)
         assert proxy.process.wait(20) == 0
-        assert time.monotonic() - started < 10
         whole = seen + rest
+        assert len(event_ids(whole)) < 1000  # ended at the grace, not at the stream's end
         assert b'"code":"interrupted"' in whole[whole.rindex(b"data: ") :]
         again = start(proxies, data_dir)
         info = http.get(f"{again.url}/sessions/{session_id}", headers=AUTH).json()
@@ -171,3 +171,26 @@ def test_offline_cli_errors_are_one_line(tmp_path: Path) -> None:
     )
     missing = run_cli("show", "abcdefghij", "--data-dir", str(tmp_path / "nope"))
     assert missing.returncode == 1 and b"does not exist" in missing.stderr
+
+
+def test_offline_cli_takes_the_data_dir_from_config(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    """`sessions ... --config PATH` reads `storage.dir` from the file; --data-dir wins."""
+    (tmp_path / "elsewhere").mkdir()
+    data_dir = tmp_path / "elsewhere" / "data"
+    proxy = start(proxies, data_dir)
+    with httpx.Client(timeout=20) as http:
+        done = http.post(
+            proxy.url + "/v1/chat/completions", json=mock_stream_body(3, 0), headers=AUTH
+        )
+    session_id = done.headers["X-Resume-Session-Id"]
+    config = tmp_path / "proxy.yaml"
+    config.write_text(f"storage:\n  dir: {data_dir}\n")
+    listing = run_cli("ls", "--config", str(config))
+    cat = run_cli("cat", session_id, "--offset", "4", "--config", str(config))
+    overridden = run_cli("ls", "--config", str(config), "--data-dir", str(tmp_path / "none"))
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.decode().splitlines()[1].split()[:2] == [session_id, "complete"]
+    assert cat.returncode == 0 and event_ids(cat.stdout) == [5, 6]
+    assert overridden.returncode == 1 and b"does not exist" in overridden.stderr

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import logging
+import re
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +16,7 @@ import pytest
 
 from proxy.config import Config
 
+from .faults.raw_upstream import RawUpstream, paced_stream
 from .helpers import CUT, FIXTURES, ScriptedUpstream, ThreadedProxy, free_port, run_proxy
 
 CHAT: dict[str, Any] = {"model": "mock-gpt", "messages": [{"role": "user", "content": "resume?"}]}
@@ -199,36 +204,72 @@ async def test_body_over_limit_is_413(config_for: Callable[..., Config]) -> None
                 assert r.status == 413
 
 
-async def test_unreachable_upstream_is_502(config_for: Callable[..., Config]) -> None:
+async def test_unreachable_upstream_is_502_and_logged(
+    config_for: Callable[..., Config], caplog: pytest.LogCaptureFixture
+) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
     async with run_proxy(config_for(dead)) as proxy:
         client = openai.AsyncOpenAI(base_url=proxy.base_url, api_key="k", max_retries=0)
-        with pytest.raises(openai.InternalServerError) as caught:
+        with (
+            caplog.at_level(logging.WARNING, logger="proxy.app"),
+            pytest.raises(openai.InternalServerError) as caught,
+        ):
             await client.chat.completions.create(**CHAT)
         await client.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "proxy.app"]
+    error = caught.value.body["message"]  # type: ignore[index]
+    assert lines == [f"POST /v1/chat/completions: upstream_unavailable: {error}"]
     assert caught.value.status_code == 502
     assert caught.value.body["code"] == "upstream_unavailable"
     assert caught.value.body["type"] == "resumable_proxy_error"
+
+
+_LINES = re.compile(rb"[^\r\n]*(?:\r\n|\r|\n)")
+
+
+def relayed_by_the_contract(raw: bytes) -> tuple[bytes, bool]:
+    """What the contract says a relay of `raw` is, worked out line by line and independent
+    of the proxy's framer: each event (its lines up to a blank line) keeps its bytes, loses
+    its upstream `id` lines and gets `id: <n>` first, with the line end its last line has;
+    blocks without a `data` field and stray blank lines are dropped (SDK safety). Returns
+    the bytes and whether `raw` ended on an event boundary (a torn tail is not relayed)."""
+    out: list[bytes] = []
+    block: list[bytes] = []
+    number = 1
+    consumed = 0
+    for line in _LINES.findall(raw):
+        consumed += len(line)
+        if line not in (b"\n", b"\r\n", b"\r"):
+            block.append(line)
+            continue
+        fields = [item.rstrip(b"\r\n").split(b":", 1)[0] for item in block]
+        if b"data" in fields:
+            eol = block[-1][len(block[-1].rstrip(b"\r\n")) :]
+            kept = [item for item, name in zip(block, fields, strict=True) if name != b"id"]
+            out.append(b"id: %d%s%s%s" % (number, eol, b"".join(kept), line))
+            number += 1
+        block = []
+    return b"".join(out), not block and consumed == len(raw)
 
 
 @pytest.mark.parametrize("fixture", sorted(path.name for path in FIXTURES.glob("*.sse")))
 async def test_fixture_streams_relay_with_ids_and_nothing_else_changed(
     fixture: str, upstream: ScriptedUpstream, config_for: Callable[..., Config]
 ) -> None:
-    from proxy.sse import SSEFramer
-
     raw = (FIXTURES / fixture).read_bytes()
     upstream.script = [raw[i : i + 37] for i in range(0, len(raw), 37)]
-    expected, _ = SSEFramer().feed(raw)
+    expected, clean = relayed_by_the_contract(raw)
     async with run_proxy(config_for(upstream.url)) as proxy, aiohttp.ClientSession() as http:
         async with http.post(proxy.base_url + "/chat/completions", data=b"{}") as response:
             body = await response.read()
-    if fixture == "torn-tail.sse":
+    assert expected
+    if clean:
+        assert body == expected
+    else:
+        assert fixture == "torn-tail.sse"
         assert body.startswith(expected)
         assert body[len(expected) :].startswith(b'data: {"error":')
         assert body.endswith(b'"code":"failed"}}\n\n')
-    else:
-        assert body == expected
 
 
 async def test_malformed_stream_relays_whole_events_then_ends(
@@ -269,3 +310,133 @@ async def test_cors_preflight_and_exposed_session_header(config_for: Callable[..
             proxy.url + "/healthz", headers={"Origin": "https://evil.example"}
         ) as r:
             assert "Access-Control-Allow-Origin" not in r.headers
+
+
+async def raw_request(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head)
+    return reader, writer
+
+
+async def test_expect_100_continue_is_answered_here_and_never_forwarded(
+    config_for: Callable[..., Config],
+) -> None:
+    """An upstream that never sends `100 Continue` (most do not) must not hold the request:
+    the proxy answers the client's Expect itself and sends the request on without it."""
+    upstream = await RawUpstream({"/v1/chat/completions": paced_stream(3, 0)}).start()
+    body = b'{"stream": true}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    try:
+        async with run_proxy(config_for(upstream.url)) as proxy:
+            reader, writer = await raw_request(int(proxy.url.rsplit(":", 1)[1]), head)
+            try:
+                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+                assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+                writer.write(body)
+                answer = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+    finally:
+        await upstream.stop()
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" in answer
+    assert len(upstream.heads) == 1 and b"expect:" not in upstream.heads[0].lower()
+
+
+async def test_header_bytes_past_ascii_reach_upstream_none_dropped(
+    config_for: Callable[..., Config],
+) -> None:
+    """UTF-8 header values arrive byte for byte; other obs-text bytes (0x80-0xFF) arrive
+    as the characters they are in ISO-8859-1, none dropped (aiohttp's client writes header
+    values as UTF-8 text, so a byte that is no UTF-8 cannot be sent on as it came)."""
+    upstream = await RawUpstream({"/v1/models": paced_stream(0, 0)}).start()
+    head = (
+        b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"X-Utf8: caf\xc3\xa9 \xe2\x82\xac\r\nX-Latin: caf\xe9 \xff\x80!\r\n\r\n"
+    )
+    try:
+        async with run_proxy(config_for(upstream.url)) as proxy:
+            reader, writer = await raw_request(int(proxy.url.rsplit(":", 1)[1]), head)
+            try:
+                answer = await asyncio.wait_for(reader.read(), 10)
+            finally:
+                writer.close()
+    finally:
+        await upstream.stop()
+    assert answer.startswith(b"HTTP/1.1 200")
+    sent = upstream.heads[0]
+    assert b"\r\nX-Utf8: caf\xc3\xa9 \xe2\x82\xac\r\n" in sent
+    latin = sent.split(b"\r\nX-Latin: ", 1)[1].split(b"\r\n", 1)[0]
+    assert latin.decode("utf-8") == "caf\xe9 \xff\x80!"
+
+
+async def test_upstream_5xx_passes_through_verbatim_and_makes_no_session(
+    upstream: ScriptedUpstream, config_for: Callable[..., Config]
+) -> None:
+    upstream.status = 503
+    upstream.content_type = "text/event-stream"  # even an event-stream type: an error is no stream
+    upstream.headers = {"Retry-After": "30", "X-Request-Id": "req-503"}
+    error = b'{"error": {"message": "overloaded", "type": "server_error", "code": null}}'
+    upstream.script = [error]
+    async with run_proxy(config_for(upstream.url)) as proxy, aiohttp.ClientSession() as http:
+        body = {**CHAT, "stream": True}
+        caller = {"Authorization": "Bearer sk-5xx"}
+        async with http.post(
+            proxy.base_url + "/chat/completions", json=body, headers=caller
+        ) as response:
+            assert response.status == 503
+            assert await response.read() == error
+            assert response.headers["Retry-After"] == "30"
+            assert response.headers["X-Request-Id"] == "req-503"
+            assert "X-Resume-Session-Id" not in response.headers
+        async with http.get(proxy.url + "/sessions", headers=caller) as r:
+            assert (await r.json())["data"] == []
+
+
+async def test_an_upstream_that_never_accepts_is_502_after_connect_timeout(
+    config_for: Callable[..., Config],
+) -> None:
+    """A listener whose accept queue is full drops SYNs, so a connect hangs: the proxy gives
+    up after `upstream.connect_timeout`, long before `idle_timeout` (300 s here)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    queued = socket.create_connection(("127.0.0.1", port))  # fills the accept queue
+    config = config_for(f"http://127.0.0.1:{port}", **{"upstream.connect_timeout": "300ms"})
+    try:
+        async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+            async with asyncio.timeout(20):
+                async with http.post(proxy.base_url + "/chat/completions", json=CHAT) as r:
+                    assert r.status == 502
+                    error = (await r.json())["error"]
+    finally:
+        queued.close()
+        listener.close()
+    assert error["code"] == "upstream_unavailable"
+    assert "did not accept a connection" in error["message"]
+
+
+async def test_a_gzip_encoded_upstream_stream_is_relayed_decoded_with_ids(
+    upstream: ScriptedUpstream, config_for: Callable[..., Config]
+) -> None:
+    raw = (FIXTURES / "openai-chat-usage.sse").read_bytes()
+    packed = gzip.compress(raw)
+    upstream.headers = {"Content-Encoding": "gzip"}
+    upstream.script = [packed[i : i + 50] for i in range(0, len(packed), 50)]
+    async with run_proxy(config_for(upstream.url)) as proxy:
+        caller = {"Authorization": "Bearer sk-gzip"}
+        async with aiohttp.ClientSession(auto_decompress=False, headers=caller) as http:
+            body = {**CHAT, "stream": True}
+            async with http.post(proxy.base_url + "/chat/completions", json=body) as response:
+                relayed = await response.read()
+                assert "Content-Encoding" not in response.headers
+            session_id = response.headers["X-Resume-Session-Id"]
+            async with http.get(f"{proxy.url}/sessions/{session_id}/events") as response:
+                replayed = await response.read()
+    expected, clean = relayed_by_the_contract(raw)
+    assert clean and relayed == expected == replayed
+    assert upstream.requests[0]["headers"].get("Accept-Encoding", "identity") == "identity"

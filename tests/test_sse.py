@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from proxy.sse import MalformedStream, SSEFramer
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "sse"
+from .helpers import FIXTURES
+
 FIXTURE_FILES = sorted(FIXTURES.glob("*.sse"))
 
 

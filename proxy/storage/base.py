@@ -87,6 +87,10 @@ class SessionStore(Protocol):
     def healthy(self) -> bool:
         """False while the store cannot write (reported by /healthz)."""
 
+    async def check_health(self) -> bool:
+        """`healthy` for /healthz, re-checked (rate-limited) while it is False, so the store
+        can report recovery even when no traffic writes."""
+
     async def start(self) -> None:
         """Open or recover; sessions found `streaming` become `interrupted`."""
 
@@ -126,7 +130,8 @@ class SessionStore(Protocol):
         """Return once everything appended so far is readable (and durable per fsync mode)."""
 
     async def delete(self, session_id: str) -> None:
-        """Forget the session now (404 from then on); its bytes are reclaimed per FORMAT.md."""
+        """Forget the session (404 from then on) once the delete is durable: a crash after
+        this returns never brings it back. Its bytes are reclaimed per FORMAT.md."""
 
     async def get(self, session_id: str) -> SessionInfo | None: ...
 
@@ -144,6 +149,13 @@ class SessionStore(Protocol):
 
     async def list(self) -> list[SessionInfo]:
         """Every session, newest first."""
+
+    async def page(
+        self, after: SessionInfo | None, limit: int, keep: Callable[[SessionInfo], bool]
+    ) -> tuple[list[SessionInfo], bool]:
+        """Up to `limit` sessions that `keep` accepts, newest first (by created time, then
+        id), all older than `after` when it is given; and whether more such sessions follow.
+        The store keeps its index in this order, so a page costs no sort."""
 
     async def read(self, session_id: str, start_event: int, max_bytes: int) -> tuple[bytes, int]:
         """Bytes of events start_event.. (at least one whole event if any, then whole events up
@@ -172,7 +184,8 @@ class SessionStore(Protocol):
         """Stop pushing to `follower` (no-op if it already left)."""
 
     def set_stop_handler(self, handler: StopHandler) -> None:
-        """Where stop requests from other replicas go (the local SessionManager.stop)."""
+        """Where stop requests go (the local SessionManager.stop): those of other replicas,
+        and the store's own for a session it can no longer log (it then ends `failed`)."""
 
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
         """Ask whichever replica reads this session's upstream to end it with `state`.

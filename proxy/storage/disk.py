@@ -4,8 +4,9 @@ Timing is the whole job of this module. Appends only frame bytes into a buffer; 
 `os.write` per loop turn drains it; fsync runs on one dedicated thread (group commit under
 `always`, a ticker under `interval`, nothing under `never`); readers are woken once the
 records they wait for are readable in the sense of the fsync mode. Live readers near the
-head are served from a small per-session tail in memory, which is also what keeps relaying
-alive while the disk refuses writes.
+head are served from a small per-session tail in memory. A record the disk refuses ends its
+session `failed` for its readers right after its last logged event (`_refused`), and a
+delete is durable before the session leaves the index (`_delete_durably`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import fcntl
 import logging
 import os
 import time
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -58,13 +60,18 @@ from proxy.storage.log import (
     frame_events,
     frame_open,
     fsync_all,
+    probe_writable,
     seal_segment,
+    sync_paths,
     take_events,
 )
+from proxy.trace import TRACE
 
 logger = logging.getLogger("proxy.storage")
 
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
+PROBE_INTERVAL = 1.0  # seconds between writability probes of an unhealthy store
+PROBE_WAIT = 2.0  # how long /healthz waits for a probe (a hung disk stays unhealthy)
 # Appends closer than this to the previous write are batched to the end of the loop turn
 # (many streams' reads in one turn: one os.write); a lone append is written at once.
 _QUIET_NS = 50_000
@@ -104,6 +111,9 @@ class DiskStore:
         self._write_scheduled = False
         self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
+        # (created_ns, id) of every session, ascending: GET /sessions pages newest first
+        # without sorting per call (create and delete keep it sorted with a bisect).
+        self._order: list[tuple[int, str]] = []
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._followers: dict[str, list[Follower]] = {}
         self._dirty: dict[int, Segment] = {}  # segments written since their last fsync
@@ -117,6 +127,10 @@ class DiskStore:
         self._sealing: set[asyncio.Future[None]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._healthy = True
+        self._stop: StopHandler | None = None
+        self._stopping: set[asyncio.Task[bool]] = set()
+        self._probe: asyncio.Future[None] | None = None
+        self._probed_at = -1e9
         self.on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
 
     @classmethod
@@ -157,6 +171,13 @@ class DiskStore:
             raise StorageError(f"data dir {self._directory} is in use by another process") from exc
         try:
             await asyncio.to_thread(self._log.recover)
+            self._index_order()
+            if self._config.fsync != "never":
+                # An earlier process may have died between a write and its fsync; what it
+                # left is synced before any of it is served again.
+                await asyncio.to_thread(sync_paths, self._log.unsynced)
+                if TRACE is not None:
+                    TRACE.fsynced(0)
         except OSError as exc:
             raise StorageError(f"cannot recover {self._directory}: {exc}") from exc
         now = self._clock()
@@ -175,6 +196,14 @@ class DiskStore:
             self._log.recover()
         except OSError as exc:
             raise StorageError(f"cannot read {self._directory}: {exc}") from exc
+        self._index_order()
+
+    def _index_order(self) -> None:
+        self._order = sorted(
+            (slog.info.meta.created_ns, session_id)
+            for session_id, slog in self._log.sessions.items()
+            if slog.info is not None
+        )
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -217,6 +246,7 @@ class DiskStore:
             raise SessionConflict(f"session {session_id} already exists")
         info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
         slog = self._log.sessions[session_id] = SessionLog(session_id, info)
+        insort(self._order, (meta.created_ns, session_id))
         meta_json = encode_meta(meta)
         start = len(self._buf)
         length = frame_open(self._buf, slog.key, meta_json)
@@ -233,6 +263,9 @@ class DiskStore:
         arrival_ns: int,
     ) -> None:
         slog = self._live(session_id)
+        refused = slog.info.storage_error if slog.info is not None else None
+        if refused is not None:
+            raise StorageError(f"session {session_id}: the log stopped taking it: {refused}")
         if len(data) + 4 * len(ends) + 160 > self._log.max_record:
             raise StorageError(f"session {session_id}: a batch of {len(data)} bytes is too big")
         start = len(self._buf)
@@ -333,6 +366,9 @@ class DiskStore:
         message = None
         if error is not None:
             message = self._trouble(error, "write")
+            for record in failed:
+                if record.slog.info is not None:
+                    record.slog.info.storage_error = message
         else:
             self._recovered()
         if self._config.fsync == "always":
@@ -341,6 +377,8 @@ class DiskStore:
             if failed:
                 self._commit_queue.append((failed, message))
             self._written_seq += 1
+            if TRACE is not None:
+                _trace_written(ok, self._written_seq)
             self._kick_fsync()
         else:
             self._publish(ok, None)
@@ -400,6 +438,8 @@ class DiskStore:
             message = repr(error)
         if error is None:
             self._observe_fsync(job.result())
+            if TRACE is not None:
+                TRACE.fsynced(seq)
         for records, write_error in batches:
             self._publish(records, write_error or message)
         self._durable_seq = seq
@@ -420,12 +460,18 @@ class DiskStore:
         followers = self._followers
         for record in records:
             slog = record.slog
+            rtype = record.rtype
+            if rtype == DELETE:
+                _settle(record.extra, error)
+                continue
             info = slog.info
             if info is None:
                 continue
             if error is not None:
-                info.storage_error = error
-            rtype = record.rtype
+                self._refused(slog, info, error)
+                continue
+            if info.storage_error is not None and rtype == EVENTS:
+                continue  # the log refused an earlier batch: readers stop before the gap
             session_id = slog.session_id
             if rtype == EVENTS:
                 first = record.first_event
@@ -441,8 +487,7 @@ class DiskStore:
                     push_batch(live, first, record.extra, record.count, record.stamp_ns)
             elif rtype == END:
                 info.state, info.reason, info.updated_ns = record.extra
-                if info.storage_error is None:
-                    self._tails.pop(session_id, None)
+                self._tails.pop(session_id, None)
                 detach_all(followers.pop(session_id, None))
             else:
                 continue
@@ -450,6 +495,29 @@ class DiskStore:
                 woken = waiters.pop(session_id, None)
                 if woken:
                     _wake(woken)
+
+    def _refused(self, slog: SessionLog, info: SessionInfo, error: str) -> None:
+        """The log could not keep a record of this session (disk full, I/O error, fsync).
+
+        An event reaches clients only once the log has it, so the session ends `failed` for
+        its readers right after its last logged event (live followers are let go, to catch
+        up and see the end); its upstream read is stopped too (no later event could be shown
+        after the gap).
+        """
+        info.storage_error = error
+        session_id = slog.session_id
+        if info.state == STREAMING:
+            info.state, info.reason = FAILED, f"storage error: {error}"
+            info.updated_ns = self._clock()
+            if self._stop is not None and self._loop is not None:
+                task = self._loop.create_task(self._stop(session_id, info.state, info.reason))
+                self._stopping.add(task)
+                task.add_done_callback(self._stopping.discard)
+        detach_all(self._followers.pop(session_id, None))
+        if not slog.deleted:
+            woken = self._waiters.pop(session_id, None)
+            if woken:
+                _wake(woken)
 
     def follow_live(self, session_id: str, follower: Follower) -> bool:
         slog = self._log.sessions.get(session_id)
@@ -484,18 +552,53 @@ class DiskStore:
         """Note a disk failure; logged once per episode, not once per write."""
         message = f"{action} failed: {error.strerror or error}"
         if self._healthy:
+            if self._loop is not None:
+                self._probed_at = self._loop.time()  # the first probe waits an interval
             logger.error(
-                "storage: %s in %s; relaying goes on from memory until the disk recovers",
+                "storage: %s in %s; the sessions it held end failed, /healthz answers 503 "
+                "until the disk takes writes again",
                 message,
                 self._directory,
             )
             self._healthy = False
         return message
 
-    def _recovered(self) -> None:
-        if not self._healthy:
+    async def check_health(self) -> bool:
+        """`healthy`, re-checked by a probe while it is False.
+
+        Only a successful write turns the store healthy again, and while `/healthz` says 503
+        a load balancer may send no traffic that would write: so an unhealthy store probes
+        the data dir itself (a tiny write and fsync off the loop, at most once per
+        `PROBE_INTERVAL`), and freeing disk space is enough to get back to 200.
+        """
+        if self._healthy or self._read_only or self._loop is None:
+            return self._healthy
+        self._start_probe()
+        if self._probe is not None:
+            with contextlib.suppress(TimeoutError, OSError):
+                await asyncio.wait_for(asyncio.shield(self._probe), PROBE_WAIT)
+        return self._healthy
+
+    def _start_probe(self) -> None:
+        assert self._loop is not None
+        now = self._loop.time()
+        if self._probe is None and now - self._probed_at >= PROBE_INTERVAL:
+            self._probed_at = now
+            probe = self._loop.run_in_executor(None, probe_writable, self._directory)
+            probe.add_done_callback(self._probed)
+            self._probe = probe
+
+    def _probed(self, probe: asyncio.Future[None]) -> None:
+        self._probe = None
+        if not probe.cancelled() and probe.exception() is None and not self._healthy:
             self._healthy = True
             logger.warning("storage: writes to %s succeed again", self._directory)
+
+    def _recovered(self) -> None:
+        """A write went through. On a disk that was full, a small record may fit in what a
+        truncated failed write freed, so only the probe (room for PROBE_BYTES) says healthy."""
+        if not self._healthy:
+            self._start_probe()
 
     # background tasks
 
@@ -520,13 +623,20 @@ class DiskStore:
         while True:
             await asyncio.sleep(period)
             try:
-                self.retention_pass()
+                await self.retention_pass()
+            except StorageError as exc:
+                logger.warning("storage: retention pass left for later: %s", exc)
             except Exception:  # retention must never stop for good
                 logger.exception("storage: retention pass failed")
 
-    def retention_pass(self, now_ns: int | None = None) -> int:
+    async def retention_pass(self, now_ns: int | None = None) -> int:
         """Delete finished sessions past the ttl, then oldest first while over max_bytes;
-        reclaim the segments that frees. Returns how many sessions were deleted."""
+        reclaim the segments that frees. Returns how many sessions were deleted.
+
+        Every victim's DELETE record is on disk before any of them leaves the index or any
+        segment is unlinked, so a crash inside a pass brings sessions back whole or not at
+        all (`_delete_durably`).
+        """
         now = self._clock() if now_ns is None else now_ns
         ttl_ns = int(self._config.retention.ttl * 1e9)
         finished = sorted(
@@ -537,56 +647,126 @@ class DiskStore:
             ),
             key=lambda slog: slog.info.updated_ns if slog.info is not None else 0,
         )
-        deleted = 0
+        victims: list[SessionLog] = []
         for slog in finished:
             info = slog.info
             assert info is not None
             if now - info.updated_ns <= ttl_ns:
                 break
-            self._delete(slog, now)
-            deleted += 1
+            victims.append(slog)
         max_bytes = self._config.retention.max_bytes
         if max_bytes is not None:
-            for slog in finished[deleted:]:
-                if self._log.total_bytes() <= max_bytes:
+            freeable = _Freeable(self._log)
+            for slog in victims:
+                freeable.add(slog)
+            for slog in finished[len(victims) :]:
+                if self._log.total_bytes() - freeable.bytes <= max_bytes:
                     break
-                self._delete(slog, now)
-                deleted += 1
+                victims.append(slog)
+                freeable.add(slog)
+        if victims:
+            await self._delete_durably(victims, now)
         self._log.reclaim(list(self._log.segments.values()))
-        return deleted
+        return len(victims)
 
     # the read side
 
     async def delete(self, session_id: str) -> None:
         slog = self._log.sessions.get(session_id)
         if slog is not None:
-            self._delete(slog, self._clock())
+            await self._delete_durably([slog], self._clock())
 
-    def _delete(self, slog: SessionLog, now_ns: int) -> None:
-        del self._log.sessions[slog.session_id]
+    async def _delete_durably(self, slogs: Sequence[SessionLog], now_ns: int) -> None:
+        """Log a DELETE record per session, wait until the records are on disk (fsynced,
+        even under `interval`, unless `never`), and only then forget the sessions and
+        unlink the segments they alone held.
+
+        Until then the sessions stay readable: a crash before this returns finds them whole
+        after the restart (the delete was never acknowledged), a crash after it never finds
+        them. Raises StorageError, forgetting nothing, when the records cannot be written.
+        """
+        assert self._loop is not None, "DiskStore.start() was not awaited"
+        written: list[asyncio.Future[str | None]] = []
+        for slog in slogs:
+            done: asyncio.Future[str | None] = self._loop.create_future()
+            start = len(self._buf)
+            length = frame_delete(self._buf, slog.key, now_ns)
+            self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, done))
+            written.append(done)
+        errors = await asyncio.gather(*written)
+        error = next((message for message in errors if message is not None), None)
+        if error is None and self._config.fsync == "interval":
+            error = await self._fsync_now()
+        if error is not None:
+            raise StorageError(f"cannot log the delete: {error}")
+        for slog in slogs:
+            self._forget(slog)
+        segments = self._log.segments
+        held = {run.segment for slog in slogs for run in slog.runs}
+        self._log.reclaim([segments[base] for base in held if base in segments])
+
+    async def _fsync_now(self) -> str | None:
+        """fsync every segment written since its last fsync, now rather than at the next
+        tick; the error message, or None. It queues behind any fsync already running on the
+        fsync thread, so it also waits for that one."""
+        assert self._loop is not None
+        if self._sealing:
+            await asyncio.gather(*self._sealing, return_exceptions=True)
+        fds = [segment.fd for segment in self._dirty.values()]
+        self._dirty.clear()
+        try:
+            elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
+        except OSError as exc:
+            return self._trouble(exc, "fsync")
+        self._observe_fsync(elapsed)
+        return None
+
+    def _forget(self, slog: SessionLog) -> None:
+        """Drop a session whose DELETE record is durable: 404 from now on, readers woken."""
+        if self._log.sessions.get(slog.session_id) is slog:
+            del self._log.sessions[slog.session_id]
+            if slog.info is not None:
+                key = (slog.info.meta.created_ns, slog.session_id)
+                position = bisect_left(self._order, key)
+                if position < len(self._order) and self._order[position] == key:
+                    del self._order[position]
         slog.deleted = True
         alias = slog.info.alias if slog.info is not None else None
         if alias is not None and self._log.aliases.get(alias) == slog.session_id:
             del self._log.aliases[alias]
-        start = len(self._buf)
-        length = frame_delete(self._buf, slog.key, now_ns)
-        self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, None))
         self._tails.pop(slog.session_id, None)
         detach_all(self._followers.pop(slog.session_id, None))
         waiters = self._waiters.pop(slog.session_id, None)
         if waiters:
             _wake(waiters)
-        segments = self._log.segments
-        self._log.reclaim([segments[run.segment] for run in slog.runs if run.segment in segments])
 
     async def get(self, session_id: str) -> SessionInfo | None:
         slog = self._log.sessions.get(session_id)
         return None if slog is None else slog.info
 
     async def list(self) -> list[SessionInfo]:
-        infos = [slog.info for slog in self._log.sessions.values() if slog.info is not None]
-        infos.sort(key=lambda info: info.meta.created_ns, reverse=True)
-        return infos
+        sessions = self._log.sessions
+        infos = (sessions[session_id].info for _, session_id in reversed(self._order))
+        return [info for info in infos if info is not None]
+
+    async def page(
+        self, after: SessionInfo | None, limit: int, keep: Callable[[SessionInfo], bool]
+    ) -> tuple[list[SessionInfo], bool]:
+        order = self._order
+        sessions = self._log.sessions
+        position = len(order)
+        if after is not None:
+            position = bisect_left(order, (after.meta.created_ns, after.session_id))
+        found: list[SessionInfo] = []
+        while position > 0:
+            position -= 1
+            slog = sessions.get(order[position][1])
+            info = None if slog is None else slog.info
+            if info is not None and keep(info):
+                if len(found) == limit:
+                    return found, True
+                found.append(info)
+        return found, False
 
     async def read(self, session_id: str, start_event: int, max_bytes: int) -> tuple[bytes, int]:
         slog = self._live(session_id)
@@ -637,7 +817,9 @@ class DiskStore:
 
     def set_stop_handler(self, handler: StopHandler) -> None:
         """One process owns the data dir (the lock), so every live session is read here and
-        stop requests never come from elsewhere."""
+        stop requests never come from other replicas; the store itself uses the handler to
+        end the upstream read of a session the log refused (`_refused`)."""
+        self._stop = handler
 
     async def token_secret(self) -> bytes:
         """Made on the first start and kept beside the log, so tokens outlive restarts."""
@@ -645,6 +827,36 @@ class DiskStore:
 
     async def request_stop(self, session_id: str, state: str, reason: str) -> bool:
         return False
+
+
+class _Freeable:
+    """Bytes that reclaiming would free once the sessions added here are deleted.
+
+    Retention under `max_bytes` picks its victims before deleting any (their DELETE records
+    must be durable first), so it cannot watch the log shrink as it goes; this counts the
+    sealed segments whose every holder is deleted or picked.
+    """
+
+    def __init__(self, log: Log) -> None:
+        self._log = log
+        self._picked: set[SessionLog] = set()
+        self._counted: set[int] = set()
+        self.bytes = 0
+
+    def add(self, slog: SessionLog) -> None:
+        self._picked.add(slog)
+        for run in slog.runs:
+            segment = self._log.segments.get(run.segment)
+            if (
+                segment is None
+                or segment.base in self._counted
+                or segment is self._log.current
+                or not segment.sealed
+            ):
+                continue
+            if all(holder.deleted or holder in self._picked for holder in segment.holders):
+                self._counted.add(segment.base)
+                self.bytes += segment.size
 
 
 def load_or_create_key(path: Path) -> bytes:
@@ -693,6 +905,19 @@ def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:
     for waiter in waiters:
         if not waiter.done():
             waiter.set_result(None)
+
+
+def _trace_written(records: Sequence[Pending], commit: int) -> None:
+    assert TRACE is not None
+    for record in records:
+        if record.rtype == EVENTS:
+            TRACE.written(record.slog.session_id, record.first_event + record.count - 1, commit)
+
+
+def _settle(done: asyncio.Future[str | None], error: str | None) -> None:
+    """Tell a durable delete whether its record reached the disk."""
+    if not done.done():
+        done.set_result(error)
 
 
 def _read_tail(tail: _Tail, start_event: int, last_event: int, max_bytes: int) -> tuple[bytes, int]:

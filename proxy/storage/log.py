@@ -7,6 +7,8 @@ thread. The byte layout and the deletion rules are in FORMAT.md, which this modu
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import mmap
@@ -39,7 +41,7 @@ _EVENTS_FIXED = struct.Struct("<QIQ")  # first_event, count, arrival_ns
 _U64 = struct.Struct("<Q")
 # The smallest limit on one record's payload; a batch is one upstream read, far below it.
 MIN_MAX_RECORD = 16 * 1024 * 1024
-_SEGMENT_NAME = re.compile(r"^(\d{20})\.log$")
+_SEGMENT_NAME = re.compile(r"(\d{20})\.log\Z")
 _READ_FDS = 64  # read descriptors kept open for sealed segments
 _LITTLE_ENDIAN = sys.byteorder == "little"
 
@@ -472,6 +474,7 @@ class Log:
         self.next_record = 0
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._broken = False  # the current segment may hold a torn tail: roll before writing
+        self.unsynced: list[Path] = []  # segments recovery scanned: maybe never fsynced
 
     # recovery
 
@@ -489,7 +492,10 @@ class Log:
             segment = Segment(base, self.directory / segment_name(base))
             runs = None if newest else self._load_index(segment)
             if runs is None:
+                # No valid index: the newest segment, or one whose seal (fsync, then index)
+                # an earlier process did not finish.
                 runs = self._scan(segment, newest)
+                self.unsynced.append(segment.path)
             if newest:
                 # It becomes current again: its index, written when it is sealed, must list
                 # what earlier runs of the proxy wrote to it, not only what this one adds.
@@ -875,12 +881,41 @@ def write_index(path: Path, index: bytes) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def sync_paths(paths: Sequence[Path]) -> None:
+    """fsync files by path (at start-up, before recovered records are served again)."""
+    for path in paths:
+        fd = osio.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            osio.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def fsync_all(fds: Sequence[int]) -> float:
     """fsync each fd; returns the seconds it took (the fsync-duration metric)."""
     started = time.perf_counter()
     for fd in fds:
         osio.fsync(fd)
     return time.perf_counter() - started
+
+
+PROBE_NAME = "PROBE"
+PROBE_BYTES = 64 * 1024  # room for a few batches, not just the block a failed write freed
+
+
+def probe_writable(directory: Path) -> None:
+    """Write and fsync PROBE_BYTES in the data dir, then remove them; OSError if the disk
+    refuses. Runs off the loop, for the health check of a store whose last write failed."""
+    path = directory / PROBE_NAME
+    fd = osio.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        if osio.write(fd, bytes(PROBE_BYTES)) != PROBE_BYTES:
+            raise OSError(errno.ENOSPC, "short write to the probe file")
+        osio.fsync(fd)
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
 
 
 def seal_segment(fd: int, index_path: Path, index: bytes, fsync: bool) -> None:

@@ -505,6 +505,10 @@ class RedisStore:
     def healthy(self) -> bool:
         return self._healthy
 
+    async def check_health(self) -> bool:
+        """The heartbeat (every second, traffic or not) already re-checks Redis."""
+        return self._healthy
+
     def _client(self) -> Client:
         if self._redis is None:
             raise StorageError("the redis store is not started")
@@ -1113,6 +1117,18 @@ class RedisStore:
                 infos.append(info)
         infos.sort(key=lambda info: info.meta.created_ns, reverse=True)
         return infos
+
+    async def page(
+        self, after: SessionInfo | None, limit: int, keep: Callable[[SessionInfo], bool]
+    ) -> tuple[list[SessionInfo], bool]:
+        """Pages of `list()`, in the disk store's order (created time, then id)."""
+        infos = await self.list()
+        infos.sort(key=lambda info: (info.meta.created_ns, info.session_id), reverse=True)
+        if after is not None:
+            cursor = (after.meta.created_ns, after.session_id)
+            infos = [i for i in infos if (i.meta.created_ns, i.session_id) < cursor]
+        kept = [info for info in infos if keep(info)]
+        return kept[:limit], len(kept) > limit
 
     async def read(self, session_id: str, start_event: int, max_bytes: int) -> tuple[bytes, int]:
         live = self._live.get(session_id)

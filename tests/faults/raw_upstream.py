@@ -53,6 +53,8 @@ class RawUpstream:
     routes: dict[str, Route]
     url: str = ""
     connections: int = 0
+    completed: int = 0  # routes that ran to their end (the proxy read the whole answer)
+    heads: list[bytes] = field(default_factory=list)  # each request's head, as received
     _server: asyncio.Server | None = None
     _handlers: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -77,6 +79,7 @@ class RawUpstream:
         self.connections += 1
         try:
             head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
             request_line, *header_lines = head.decode("latin-1").split("\r\n")
             path = request_line.split(" ")[1]
             length = 0
@@ -91,6 +94,7 @@ class RawUpstream:
             else:
                 await route(writer)
             await writer.drain()
+            self.completed += 1
         except (ConnectionError, asyncio.IncompleteReadError):
             pass  # the proxy hung up, which several faults provoke on purpose
         except asyncio.CancelledError:

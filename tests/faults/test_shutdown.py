@@ -156,14 +156,14 @@ async def test_sigterm_refuses_streams_whose_upstream_answers_after_the_grace(
             while upstream.connections < len(requests):
                 await asyncio.sleep(0.01)
             proxy.process.send_signal(signal.SIGTERM)
-            signalled = time.monotonic()
             answers = await asyncio.gather(*requests)
             code = await asyncio.to_thread(proxy.process.wait, 30)
-            exit_s = time.monotonic() - signalled
+            # Each late stream runs for a minute: the proxy left without reading one out.
+            finished_upstream = upstream.completed
     finally:
         await upstream.stop()
     for status, body in answers:
         assert status == 503
         assert json.loads(body)["error"]["code"] == "shutting_down"
     assert code == 0
-    assert exit_s < 3.0, f"exit took {exit_s:.1f}s with a 300 ms grace"
+    assert finished_upstream == 0

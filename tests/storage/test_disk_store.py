@@ -14,6 +14,7 @@ import pytest
 
 from proxy.config import RetentionConfig, StorageConfig
 from proxy.errors import SessionNotFound
+from proxy.storage import disk as disk_module
 from proxy.storage import log as log_module
 from proxy.storage.base import COMPLETE, FAILED, STREAMING, SessionMeta, StorageError
 from proxy.storage.disk import DiskStore
@@ -193,13 +194,24 @@ async def test_always_wakes_readers_only_after_one_group_fsync(
     await store.close()
 
 
-async def test_enospc_keeps_relaying_from_memory_then_recovers(
+async def test_enospc_ends_the_session_failed_after_its_last_logged_event_then_recovers(
     make_store: Callable[..., DiskStore],
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """An event reaches readers only once the log has it: when the disk refuses a batch,
+    readers get every event before it and then the session's end (`failed`), the upstream
+    read is asked to stop, later batches are refused, and nothing after the gap is shown."""
+    monkeypatch.setattr(disk_module, "PROBE_INTERVAL", 0.0)
     store = make_store(fsync="never")
     await store.start()
+    stops: list[tuple[str, str, str]] = []
+
+    async def stop(session_id: str, state: str, reason: str) -> bool:
+        stops.append((session_id, state, reason))
+        return True
+
+    store.set_stop_handler(stop)
     info = store.create(make_meta("session-full"))
     await append_events(store, "session-full", 1, 2)
     await store.flush()
@@ -224,37 +236,34 @@ async def test_enospc_keeps_relaying_from_memory_then_recovers(
 
     monkeypatch.setattr(log_module.osio, "write", disk_full)
     with caplog.at_level(logging.ERROR, logger="proxy.storage"):
-        for number in range(3, 13):
-            await append_events(store, "session-full", number, 1)
-            await asyncio.sleep(0)
+        await append_events(store, "session-full", 3, 1)
         await store.flush()
-    assert not store.healthy
-    assert info.events == 12
-    assert info.storage_error is not None and "No space left" in info.storage_error
-    assert sum("No space left" in r.getMessage() for r in caplog.records) == 1  # once
-    store.end("session-full", COMPLETE, "", 99)
-    await store.flush()
+        with pytest.raises(StorageError, match="stopped taking it"):
+            await append_events(store, "session-full", 4, 1)
+        assert not await store.check_health()  # the probe is refused as well
     await asyncio.wait_for(reader, 5)
-    assert b"".join(received) == b"".join(event("session-full", n) for n in range(1, 13))
-    assert info.state == FAILED
-    assert info.reason.startswith("storage error: ")
-    _data, count = await store.read("session-full", 3, 1 << 20)  # a failed session keeps its tail
-    assert count == 10
-    with pytest.raises(StorageError, match="not in the log"):  # but the disk never got them
-        store._log.read_events(store._log.sessions["session-full"], 5, 12, 1 << 20)
+    assert b"".join(received) == event("session-full", 1) + event("session-full", 2)
+    assert (info.events, info.state) == (2, FAILED)
+    assert info.reason.startswith("storage error: write failed: No space left")
+    assert [(sid, state) for sid, state, _ in stops] == [("session-full", FAILED)]
+    assert sum("No space left" in r.getMessage() for r in caplog.records) == 1  # once
+    store.end("session-full", FAILED, "the pump stopped", 99)
+    await store.flush()
 
     monkeypatch.setattr(log_module.osio, "write", real_write)
+    assert await store.check_health()  # freed: the probe says so before any new write
     store.create(make_meta("session-after"))
     await append_events(store, "session-after", 1, 1)
     await store.flush()
     assert store.healthy
     await store.close()
+    assert not (store._directory / "PROBE").exists()
     reopened = DiskStore(StorageConfig(dir=store._directory))
     await reopened.start()
     after = await reopened.get("session-after")
     assert after is not None and after.events == 1
     full = await reopened.get("session-full")
-    assert full is not None and full.events == 2  # what reached the disk before it filled
+    assert full is not None and full.events == 2  # exactly what its readers were shown
     await reopened.close()
 
 
@@ -340,7 +349,7 @@ async def test_retention_expires_and_evicts_finished_sessions_never_streaming(
     await finished("session-new1", 950)
     await finished("session-new2", 960)
     await finished("session-new3", 970)
-    assert store.retention_pass(1000 * SECOND) == 2
+    assert await store.retention_pass(1000 * SECOND) == 2
     assert await store.get("session-old1") is None
     assert await store.get("session-old2") is None
     assert await store.get("session-live") is not None
@@ -356,7 +365,7 @@ async def test_retention_expires_and_evicts_finished_sessions_never_streaming(
         segment_bytes=2048,
         retention=RetentionConfig(ttl=1e9, max_bytes=total - 1),
     )
-    assert store.retention_pass(1000 * SECOND) == 1  # the oldest finished one is enough
+    assert await store.retention_pass(1000 * SECOND) == 1  # the oldest finished one is enough
     assert await store.get("session-new1") is None
     assert await store.get("session-new2") is not None
     assert store._log.total_bytes() <= total - 1
@@ -366,7 +375,7 @@ async def test_retention_expires_and_evicts_finished_sessions_never_streaming(
         segment_bytes=2048,
         retention=RetentionConfig(ttl=1e9, max_bytes=1),
     )
-    store.retention_pass(1000 * SECOND)
+    await store.retention_pass(1000 * SECOND)
     assert [i.session_id for i in await store.list()] == ["session-live"]
     await store.close()
 
@@ -377,10 +386,10 @@ async def test_wait_returns_on_timeout_end_and_for_unknown_sessions(
     store = make_store(fsync="interval", fsync_interval_ms=5)
     await store.start()
     store.create(make_meta("session-wait"))
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await store.wait("session-wait", 0, 0.05)
-    assert 0.04 <= loop.time() - started < 1
+    timed = asyncio.create_task(store.wait("session-wait", 0, 0.5))
+    await asyncio.sleep(0.01)
+    assert not timed.done()  # nothing came: it waits
+    await asyncio.wait_for(timed, 30)  # until its timeout
     assert not store._waiters  # a timed-out waiter leaves nothing behind
     await store.wait("session-unknown", 0, 5)
     waiting = asyncio.create_task(store.wait("session-wait", 0, 5))
@@ -389,6 +398,71 @@ async def test_wait_returns_on_timeout_end_and_for_unknown_sessions(
     await asyncio.wait_for(waiting, 1)
     await asyncio.sleep(0.02)  # the interval fsync ran without trouble
     assert store.healthy
+    await store.close()
+
+
+async def test_delete_returns_only_once_its_record_is_fsynced_even_under_interval(
+    make_store: Callable[..., DiskStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crash right after an acknowledged delete must never bring the session back, so the
+    DELETE record is written and fsynced before `delete` returns (the ticker is an hour
+    away here) and only then does the session leave the index and its segments the disk."""
+    store = make_store(fsync="interval", fsync_interval_ms=3_600_000, segment_bytes=2048)
+    await store.start()
+    store.create(make_meta("session-gone"))
+    for number in range(1, 80):
+        await append_events(store, "session-gone", number, 1)
+        await asyncio.sleep(0)
+    store.end("session-gone", COMPLETE, "", 5)
+    await store.flush()
+    steps: list[str] = []
+    real_write, real_fsync = log_module.osio.write, log_module.osio.fsync
+
+    def write(fd: int, data: bytes) -> int:
+        steps.append("write")
+        return real_write(fd, data)
+
+    def fsync(fd: int) -> None:
+        real_fsync(fd)
+        steps.append("fsync")
+
+    monkeypatch.setattr(log_module.osio, "write", write)
+    monkeypatch.setattr(log_module.osio, "fsync", fsync)
+    await store.delete("session-gone")
+    assert steps[0] == "write" and "fsync" in steps[1:]
+    assert await store.get("session-gone") is None
+    await store.close()
+
+
+async def test_a_delete_the_disk_refuses_raises_and_forgets_nothing(
+    make_store: Callable[..., DiskStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_store(fsync="never", segment_bytes=2048)
+    await store.start()
+    store.create(make_meta("session-kept"))
+    for number in range(1, 80):
+        await append_events(store, "session-kept", number, 1)
+        await asyncio.sleep(0)
+    store.end("session-kept", COMPLETE, "", 5)
+    await store.flush()
+    segments = sorted(Path(store._directory).glob("*.log"))
+    real_write = log_module.osio.write
+
+    def disk_full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(log_module.osio, "write", disk_full)
+    with pytest.raises(StorageError, match="cannot log the delete"):
+        await store.delete("session-kept")
+    assert sorted(Path(store._directory).glob("*.log")) == segments
+    info = await store.get("session-kept")
+    assert info is not None and info.events == 79
+    data, count = await store.read("session-kept", 1, 1 << 20)
+    assert count >= 1 and data.startswith(event("session-kept", 1))
+    monkeypatch.setattr(log_module.osio, "write", real_write)
+    await store.delete("session-kept")
+    assert await store.get("session-kept") is None
+    assert len(list(Path(store._directory).glob("*.log"))) < len(segments)
     await store.close()
 
 

@@ -192,24 +192,20 @@ async def test_wait_wakes_local_and_remote_readers_on_append_and_end(
     append(store, "session-0001", 1, 1)
     await store.flush()
 
-    async def waited(reader: RedisStore, after: int) -> float:
-        started = time.monotonic()
-        await reader.wait("session-0001", after, 5.0)
-        return time.monotonic() - started
+    async def woken(waiters: list[asyncio.Task[None]]) -> None:
+        """The waits (an hour long) end because of what happened, not by their timeout."""
+        await asyncio.sleep(0.2)
+        assert not any(task.done() for task in waiters)  # nothing to wake them yet
 
-    local = asyncio.create_task(waited(store, 1))
-    remote = asyncio.create_task(waited(other, 1))
-    await asyncio.sleep(0.2)
+    waiters = [asyncio.create_task(r.wait("session-0001", 1, 3600)) for r in (store, other)]
+    await woken(waiters)
     append(store, "session-0001", 2, 1)
-    assert await local < 1.0
-    assert await remote < 1.0
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
 
-    local = asyncio.create_task(waited(store, 2))
-    remote = asyncio.create_task(waited(other, 2))
-    await asyncio.sleep(0.2)
+    waiters = [asyncio.create_task(r.wait("session-0001", 2, 3600)) for r in (store, other)]
+    await woken(waiters)
     store.end("session-0001", COMPLETE, "", time.time_ns())
-    assert await local < 1.0
-    assert await remote < 1.0
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)
     info = await other.get("session-0001")
     assert info is not None and (info.state, info.events) == (COMPLETE, 2)
 
@@ -219,10 +215,10 @@ async def test_wait_returns_after_timeout_when_nothing_comes(
 ) -> None:
     store.create(meta())
     await store.flush()
-    for reader in (store, other):
-        started = time.monotonic()
-        await reader.wait("session-0001", 0, 0.2)
-        assert 0.15 < time.monotonic() - started < 1.0
+    waiters = [asyncio.create_task(r.wait("session-0001", 0, 1.0)) for r in (store, other)]
+    await asyncio.sleep(0.05)
+    assert not any(task.done() for task in waiters)  # no early return without events
+    await asyncio.wait_for(asyncio.gather(*waiters), 30)  # and no wait past its timeout
 
 
 async def test_delete_forgets_everywhere(store: RedisStore, other: RedisStore) -> None:
