@@ -226,6 +226,9 @@ async def bench_paced(
         seen: list[float] = []
         reader = asyncio.create_task(_follow(reader_store, session_id, sent, seen))
         while not seen:
+            if reader.done():  # it failed, or found no session: say so instead of waiting
+                reader.result()
+                raise RuntimeError(f"the reader of {session_id} ended before its first event")
             await asyncio.sleep(0.005)
         ready.append(index)
         if len(ready) == sessions:
