@@ -24,7 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from time import monotonic_ns
 
 from proxy.config import StorageConfig
 from proxy.errors import SessionConflict, SessionNotFound
@@ -70,9 +69,6 @@ logger = logging.getLogger("proxy.storage")
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
 PROBE_INTERVAL = 1.0  # seconds between writability probes of an unhealthy store
 PROBE_WAIT = 2.0  # how long /healthz waits for a probe (a hung disk stays unhealthy)
-# Appends closer than this to the previous write are batched to the end of the loop turn
-# (many streams' reads in one turn: one os.write); a lone append is written at once.
-_QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
 TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
 
@@ -107,7 +103,6 @@ class DiskStore:
         self._buf = bytearray()
         self._pending: list[Pending] = []
         self._write_scheduled = False
-        self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
         # (created_ns, id) of every session, ascending: GET /sessions pages newest first
         # without sorting per call (create and delete keep it sorted with a bisect).
@@ -325,10 +320,6 @@ class DiskStore:
         self._pending.append(record)
         if len(self._buf) >= _WRITE_NOW_BYTES:
             self._write()
-        elif not self._write_scheduled and monotonic_ns() - self._last_write_ns > _QUIET_NS:
-            # A lone append (the log was quiet): write it now, inside the read that brought
-            # it, instead of paying a loop turn and an extra poll to batch it with nothing.
-            self._write()
         elif not self._write_scheduled:
             self._write_scheduled = True
             assert self._loop is not None, "DiskStore.start() was not awaited"
@@ -337,7 +328,6 @@ class DiskStore:
     def _write(self) -> None:
         """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
         self._write_scheduled = False
-        self._last_write_ns = monotonic_ns()
         if not self._pending:
             return
         buf, records = self._buf, self._pending
