@@ -33,7 +33,7 @@ from .mock_upstream import MockServer, serve_mock
 from .responses import BackgroundResponses
 from .sessions import SessionManager
 from .storage import open_store
-from .storage.base import StorageError
+from .storage.base import SessionStore, StorageError
 from .storage.disk import DiskStore
 from .upstream import Origin
 
@@ -197,6 +197,21 @@ def _add_owned(app: web.Application, path: str, **methods: str) -> None:
     resource.add_route("*", _method_not_allowed)
 
 
+def _wire_gauges(metrics: Metrics, manager: SessionManager, store: SessionStore) -> None:
+    """The gauges metrics reads at scrape time, from the parts that own the values."""
+    metrics.add_gauge(
+        "live_sessions", "Sessions whose upstream is being read now", lambda: manager.live_count
+    )
+    metrics.add_gauge("storage_healthy", "1 while the store can write", lambda: int(store.healthy))
+    # The protocol declares stored_bytes(); a store built before it (the Redis store, for
+    # now) has no storage_bytes gauge rather than a wrong one.
+    stored_bytes = getattr(store, "stored_bytes", None)
+    if stored_bytes is not None:
+        metrics.add_gauge(
+            "storage_bytes", "Bytes the store keeps on disk (segment files)", stored_bytes
+        )
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
@@ -220,6 +235,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
     manager = SessionManager(config, store, metrics)
+    _wire_gauges(metrics, manager, store)
     token_key: bytes | None = None
     if config.session.tokens:
         secret = config.session.token_secret

@@ -87,6 +87,10 @@ class SessionStore(Protocol):
     def healthy(self) -> bool:
         """False while the store cannot write (reported by /healthz)."""
 
+    def stored_bytes(self) -> int:
+        """Bytes the store keeps (the storage_bytes gauge): segment files on disk."""
+        ...
+
     async def check_health(self) -> bool:
         """`healthy` for /healthz, re-checked (rate-limited) while it is False, so the store
         can report recovery even when no traffic writes."""
