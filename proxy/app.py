@@ -22,18 +22,13 @@ from aiohttp import web
 from .access import cors_middleware, cors_on_prepare
 from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
-from .errors import (
-    ERROR_TYPE,
-    MethodNotAllowed,
-    ProxyError,
-    StorageUnavailable,
-)
+from .errors import MethodNotAllowed, ProxyError, as_proxy_error, error_body
 from .metrics import Metrics
 from .mock_upstream import MockServer, serve_mock
 from .responses import BackgroundResponses
 from .sessions import SessionManager
 from .storage import open_store
-from .storage.base import SessionStore, StorageError
+from .storage.base import SessionExists, SessionMissing, SessionStore, StorageError
 from .storage.disk import DiskStore
 from .upstream import Origin
 
@@ -51,8 +46,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": ERROR_TYPE, "code": code}}
-    return web.json_response(body, status=status)
+    return web.json_response(error_body(code, message), status=status)
 
 
 async def _note_started(request: web.Request, response: web.StreamResponse) -> None:
@@ -101,9 +95,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """The one place where exceptions become the contract's JSON error shape."""
     try:
         return await handler(request)
-    except ProxyError as exc:
-        if (started := _already_started(request, exc)) is not None:
+    except (ProxyError, StorageError, SessionMissing, SessionExists) as caught:
+        if (started := _already_started(request, caught)) is not None:
             return started
+        if isinstance(caught, StorageError):
+            log.error("storage unavailable on %s %s: %s", request.method, request.path, caught)
+        exc = as_proxy_error(caught)
         if exc.status in (502, 504):
             # The upstream failed us (unreachable, no fds left to reach it, no answer): the
             # operator must be able to see it, not only the client.
@@ -112,12 +109,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.closes_connection:
             await _send_and_close(request, response)
         return response
-    except StorageError as exc:
-        if (started := _already_started(request, exc)) is not None:
-            return started
-        log.error("storage unavailable on %s %s: %s", request.method, request.path, exc)
-        failure = StorageUnavailable("the session store is unavailable; try again shortly")
-        return web.json_response(failure.body(), status=failure.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -18,9 +18,17 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from .errors import ERROR_TYPE, SessionNotFound
+from .errors import error_body
 from .sse import KEEPALIVE
-from .storage.base import CANCELLED, ENDED_WITH_ERROR, FAILED, INTERRUPTED, STREAMING, SessionStore
+from .storage.base import (
+    CANCELLED,
+    ENDED_WITH_ERROR,
+    FAILED,
+    INTERRUPTED,
+    STREAMING,
+    SessionMissing,
+    SessionStore,
+)
 from .trace import TRACE
 
 # A resume's first write goes out after a small read, so the time to first replayed byte does
@@ -57,7 +65,7 @@ def error_event(state: str, reason: str) -> bytes:
 
     It has no `id:` line, so a client's last event id stays that of the last real event.
     """
-    body = {"error": {"message": error_message(state, reason), "type": ERROR_TYPE, "code": state}}
+    body = error_body(state, error_message(state, reason))
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -179,7 +187,7 @@ async def follow(
     while True:
         try:
             data, count = await store.read(session_id, next_event, budget)
-        except SessionNotFound:
+        except SessionMissing:
             await response.write(deleted_event())
             return
         if count:

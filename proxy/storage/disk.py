@@ -27,14 +27,15 @@ from pathlib import Path
 from time import monotonic_ns
 
 from proxy.config import StorageConfig
-from proxy.errors import SessionConflict, SessionNotFound
 from proxy.storage.base import (
     FAILED,
     INTERRUPTED,
     STREAMING,
     Follower,
+    SessionExists,
     SessionInfo,
     SessionMeta,
+    SessionMissing,
     StopHandler,
     StorageError,
     check_alias,
@@ -217,7 +218,7 @@ class DiskStore:
     def create(self, meta: SessionMeta) -> SessionInfo:
         session_id = meta.session_id
         if session_id in self._log.sessions:
-            raise SessionConflict(f"session {session_id} already exists")
+            raise SessionExists(f"session {session_id} already exists")
         slog = self._log.open_session(meta)
         insort(self._order, (meta.created_ns, session_id))
         self._tails[session_id] = _Tail()
@@ -277,7 +278,7 @@ class DiskStore:
     def _live(self, session_id: str) -> SessionLog:
         slog = self._log.sessions.get(session_id)
         if slog is None or slog.info is None:
-            raise SessionNotFound(f"session {session_id} not found")
+            raise SessionMissing(f"session {session_id} not found")
         return slog
 
     def _queued(self, buffered: int) -> None:
