@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -166,26 +165,37 @@ def _log_access(request: web.Request, status: int, seconds: float, json_lines: b
         )
 
 
-def _dispatch(name: str, key: web.AppKey[Any] = API) -> Handler:
-    """A route's handler: a method of the object built at start-up (in `_lifecycle`)."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        response: web.StreamResponse = await getattr(request.app[key], name)(request)
-        return response
-
-    handler.__name__ = name
-    return handler
-
-
 async def _method_not_allowed(request: web.Request) -> web.StreamResponse:
     raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
 
 
-def _add_owned(app: web.Application, path: str, **methods: str) -> None:
+def _add_owned(app: web.Application, path: str, **methods: Handler) -> None:
     resource = app.router.add_resource(path)
-    for method, name in methods.items():
-        resource.add_route(method, _dispatch(name))
+    for method, handler in methods.items():
+        resource.add_route(method, handler)
     resource.add_route("*", _method_not_allowed)
+
+
+def _add_routes(app: web.Application, api: Api, responses: BackgroundResponses) -> None:
+    """Bind every path to its handler, a method of the objects `_lifecycle` built.
+
+    Done at start-up, once those exist: aiohttp freezes the router only after the startup
+    hooks ran. The catch-all relay route comes last.
+    """
+    _add_owned(app, "/sessions", GET=api.list_sessions)
+    _add_owned(app, "/sessions/{session_id}", GET=api.get_session, DELETE=api.delete_session)
+    _add_owned(app, "/sessions/{session_id}/events", GET=api.session_events)
+    _add_owned(app, "/sessions/{session_id}/cancel", POST=api.cancel_session)
+    _add_owned(app, "/healthz", GET=api.healthz)
+    _add_owned(app, "/metrics", GET=api.metrics_text)
+    _add_owned(app, "/resume.js", GET=api.resume_js)
+    _add_owned(app, "/demo", GET=api.demo)
+    # Background responses: these pass upstream whenever the proxy does not serve them
+    # (no `background: true`, an id it does not know, another method).
+    app.router.add_route("POST", "/v1/responses", responses.create)
+    app.router.add_route("*", "/v1/responses/{response_id}", responses.by_id)
+    app.router.add_route("*", "/v1/responses/{response_id}/cancel", responses.cancel)
+    app.router.add_route("*", "/{tail:.*}", api.proxy)
 
 
 def _wire_gauges(metrics: Metrics, manager: SessionManager, store: SessionStore) -> None:
@@ -235,6 +245,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         config, manager, client, upstream_url, Origin.parse(upstream_url), metrics, token_key
     )
     app[RESPONSES] = BackgroundResponses(app[API])
+    _add_routes(app, app[API], app[RESPONSES])
     log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
     _settle_heap()
     try:
@@ -282,19 +293,4 @@ def build_app(config: Config) -> web.Application:
     app.on_shutdown.append(_shutdown)
     app.on_response_prepare.append(cors_on_prepare(config))
     app.on_response_prepare.append(_note_started)
-
-    _add_owned(app, "/sessions", GET="list_sessions")
-    _add_owned(app, "/sessions/{session_id}", GET="get_session", DELETE="delete_session")
-    _add_owned(app, "/sessions/{session_id}/events", GET="session_events")
-    _add_owned(app, "/sessions/{session_id}/cancel", POST="cancel_session")
-    _add_owned(app, "/healthz", GET="healthz")
-    _add_owned(app, "/metrics", GET="metrics_text")
-    _add_owned(app, "/resume.js", GET="resume_js")
-    _add_owned(app, "/demo", GET="demo")
-    # Background responses: these pass upstream whenever the proxy does not serve them
-    # (no `background: true`, an id it does not know, another method).
-    app.router.add_route("POST", "/v1/responses", _dispatch("create", RESPONSES))
-    app.router.add_route("*", "/v1/responses/{response_id}", _dispatch("by_id", RESPONSES))
-    app.router.add_route("*", "/v1/responses/{response_id}/cancel", _dispatch("cancel", RESPONSES))
-    app.router.add_route("*", "/{tail:.*}", _dispatch("proxy"))
     return app
