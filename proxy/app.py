@@ -23,7 +23,7 @@ from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
 from .errors import MethodNotAllowed, ProxyError, as_proxy_error, error_body
 from .metrics import Metrics
-from .mock_upstream import MockServer, serve_mock
+from .mock import MockServer, serve_mock
 from .responses import BackgroundResponses
 from .sessions import SessionManager
 from .storage import open_store

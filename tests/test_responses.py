@@ -26,7 +26,7 @@ from openai import AsyncOpenAI
 
 from proxy.app import API
 from proxy.config import Config
-from proxy.mock_upstream import answer_tokens
+from proxy.mock import answer_tokens
 from proxy.relay import UpstreamRequest
 from proxy.responses import background_request, latest_response_in
 from proxy.sse import event_data, split_events
