@@ -84,6 +84,12 @@ def segment_name(base: int) -> str:
     return f"{base:020d}.log"
 
 
+def segment_bases(directory: Path) -> list[int]:
+    """The bases of the segment files in a data dir, in log order (FORMAT.md's names)."""
+    names = os.listdir(directory)
+    return sorted(int(match.group(1)) for name in names if (match := _SEGMENT_NAME.match(name)))
+
+
 # --- the log --------------------------------------------------------------------------
 
 
@@ -217,11 +223,7 @@ class Log:
 
     def recover(self) -> None:
         """Rebuild the index; truncate a torn tail of the newest segment (unless read-only)."""
-        bases = sorted(
-            int(match.group(1))
-            for name in os.listdir(self.directory)
-            if (match := _SEGMENT_NAME.match(name))
-        )
+        bases = segment_bases(self.directory)
         if not self.read_only:
             self._remove_stale_indexes(set(bases))
         for position, base in enumerate(bases):
