@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from proxy.storage.disk import DiskStore
 
@@ -27,14 +25,6 @@ from .syscalls import check_unlinks_follow_durable_deletes, read_log_trace, stop
 AUTH = {"Authorization": "Bearer sk-delete-loop"}
 ROUNDS = knob("FAULT_DELETE_ROUNDS", 6)
 RETENTION_ROUNDS = knob("FAULT_RETENTION_ROUNDS", 4)
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
 
 
 async def create(http: aiohttp.ClientSession, url: str, tokens: int) -> tuple[str, bytes]:
