@@ -178,8 +178,9 @@ async def test_kill9_inside_retention_passes_leaves_every_session_whole_or_gone(
                 assert status == 200, session_id
                 if session_id in made:  # its client read it to the end before the kill
                     assert whole(body), session_id
-                else:  # still streaming at the kill: every logged event, then the end
-                    assert cut_short(body), session_id
+                else:  # its client had not seen the end at the kill: the proxy may have
+                    # logged the end before dying (whole), or it ends `interrupted`
+                    assert whole(body) or cut_short(body), session_id
                 checked += 1
             check.kill()
     record(
