@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +8,8 @@ import pytest
 
 from proxy.config import Config
 
-from .helpers import ScriptedUpstream, make_config, run_proxy
+from .helpers import ProxyProcess, ScriptedUpstream, make_config, run_proxy
+from .redis_server import RedisServer
 
 
 @pytest.fixture
@@ -30,3 +31,20 @@ def config_for(tmp_path: Path) -> Callable[..., Config]:
 def proxy_for() -> Callable[[Config], Any]:
     """`async with proxy_for(config) as proxy:` runs the real app on a free port."""
     return run_proxy
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[ProxyProcess]]:
+    """Proxy processes a test starts (append them); each is killed when the test ends."""
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the module's tests (they flush it as they need)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
