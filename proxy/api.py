@@ -448,7 +448,7 @@ class Api:
         return web.json_response(body, status=200 if healthy else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        payload, content_type = self.metrics.render(self.manager)
+        payload, content_type = self.metrics.render()
         return web.Response(body=payload, headers={"Content-Type": content_type})
 
     async def resume_js(self, request: web.Request) -> web.Response:

@@ -14,7 +14,6 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -22,18 +21,13 @@ from aiohttp import web
 from .access import cors_middleware, cors_on_prepare
 from .api import EVENTS_SENT, SESSION_ID, Api
 from .config import Config
-from .errors import (
-    ERROR_TYPE,
-    MethodNotAllowed,
-    ProxyError,
-    StorageUnavailable,
-)
+from .errors import MethodNotAllowed, ProxyError, as_proxy_error, error_body
 from .metrics import Metrics
-from .mock_upstream import MockServer, serve_mock
+from .mock import MockServer, serve_mock
 from .responses import BackgroundResponses
 from .sessions import SessionManager
 from .storage import open_store
-from .storage.base import StorageError
+from .storage.base import SessionExists, SessionMissing, SessionStore, StorageError
 from .storage.disk import DiskStore
 from .upstream import Origin
 
@@ -51,8 +45,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _json_error(status: int, code: str, message: str) -> web.Response:
-    body = {"error": {"message": message, "type": ERROR_TYPE, "code": code}}
-    return web.json_response(body, status=status)
+    return web.json_response(error_body(code, message), status=status)
 
 
 async def _note_started(request: web.Request, response: web.StreamResponse) -> None:
@@ -101,9 +94,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     """The one place where exceptions become the contract's JSON error shape."""
     try:
         return await handler(request)
-    except ProxyError as exc:
-        if (started := _already_started(request, exc)) is not None:
+    except (ProxyError, StorageError, SessionMissing, SessionExists) as caught:
+        if (started := _already_started(request, caught)) is not None:
             return started
+        if isinstance(caught, StorageError):
+            log.error("storage unavailable on %s %s: %s", request.method, request.path, caught)
+        exc = as_proxy_error(caught)
         if exc.status in (502, 504):
             # The upstream failed us (unreachable, no fds left to reach it, no answer): the
             # operator must be able to see it, not only the client.
@@ -112,12 +108,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.closes_connection:
             await _send_and_close(request, response)
         return response
-    except StorageError as exc:
-        if (started := _already_started(request, exc)) is not None:
-            return started
-        log.error("storage unavailable on %s %s: %s", request.method, request.path, exc)
-        failure = StorageUnavailable("the session store is unavailable; try again shortly")
-        return web.json_response(failure.body(), status=failure.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -175,26 +165,52 @@ def _log_access(request: web.Request, status: int, seconds: float, json_lines: b
         )
 
 
-def _dispatch(name: str, key: web.AppKey[Any] = API) -> Handler:
-    """A route's handler: a method of the object built at start-up (in `_lifecycle`)."""
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        response: web.StreamResponse = await getattr(request.app[key], name)(request)
-        return response
-
-    handler.__name__ = name
-    return handler
-
-
 async def _method_not_allowed(request: web.Request) -> web.StreamResponse:
     raise MethodNotAllowed(f"{request.method} is not allowed on {request.path}")
 
 
-def _add_owned(app: web.Application, path: str, **methods: str) -> None:
+def _add_owned(app: web.Application, path: str, **methods: Handler) -> None:
     resource = app.router.add_resource(path)
-    for method, name in methods.items():
-        resource.add_route(method, _dispatch(name))
+    for method, handler in methods.items():
+        resource.add_route(method, handler)
     resource.add_route("*", _method_not_allowed)
+
+
+def _add_routes(app: web.Application, api: Api, responses: BackgroundResponses) -> None:
+    """Bind every path to its handler, a method of the objects `_lifecycle` built.
+
+    Done at start-up, once those exist: aiohttp freezes the router only after the startup
+    hooks ran. The catch-all relay route comes last.
+    """
+    _add_owned(app, "/sessions", GET=api.list_sessions)
+    _add_owned(app, "/sessions/{session_id}", GET=api.get_session, DELETE=api.delete_session)
+    _add_owned(app, "/sessions/{session_id}/events", GET=api.session_events)
+    _add_owned(app, "/sessions/{session_id}/cancel", POST=api.cancel_session)
+    _add_owned(app, "/healthz", GET=api.healthz)
+    _add_owned(app, "/metrics", GET=api.metrics_text)
+    _add_owned(app, "/resume.js", GET=api.resume_js)
+    _add_owned(app, "/demo", GET=api.demo)
+    # Background responses: these pass upstream whenever the proxy does not serve them
+    # (no `background: true`, an id it does not know, another method).
+    app.router.add_route("POST", "/v1/responses", responses.create)
+    app.router.add_route("*", "/v1/responses/{response_id}", responses.by_id)
+    app.router.add_route("*", "/v1/responses/{response_id}/cancel", responses.cancel)
+    app.router.add_route("*", "/{tail:.*}", api.proxy)
+
+
+def _wire_gauges(metrics: Metrics, manager: SessionManager, store: SessionStore) -> None:
+    """The gauges metrics reads at scrape time, from the parts that own the values."""
+    metrics.add_gauge(
+        "live_sessions", "Sessions whose upstream is being read now", lambda: manager.live_count
+    )
+    metrics.add_gauge("storage_healthy", "1 while the store can write", lambda: int(store.healthy))
+    # The protocol declares stored_bytes(); a store built before it (the Redis store, for
+    # now) has no storage_bytes gauge rather than a wrong one.
+    stored_bytes = getattr(store, "stored_bytes", None)
+    if stored_bytes is not None:
+        metrics.add_gauge(
+            "storage_bytes", "Bytes the store keeps on disk (segment files)", stored_bytes
+        )
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -220,6 +236,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
     )
     manager = SessionManager(config, store, metrics)
+    _wire_gauges(metrics, manager, store)
     token_key: bytes | None = None
     if config.session.tokens:
         secret = config.session.token_secret
@@ -228,6 +245,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         config, manager, client, upstream_url, Origin.parse(upstream_url), metrics, token_key
     )
     app[RESPONSES] = BackgroundResponses(app[API])
+    _add_routes(app, app[API], app[RESPONSES])
     log.info("relaying to %s, data in %s", upstream_url, config.storage.dir)
     _settle_heap()
     try:
@@ -275,19 +293,4 @@ def build_app(config: Config) -> web.Application:
     app.on_shutdown.append(_shutdown)
     app.on_response_prepare.append(cors_on_prepare(config))
     app.on_response_prepare.append(_note_started)
-
-    _add_owned(app, "/sessions", GET="list_sessions")
-    _add_owned(app, "/sessions/{session_id}", GET="get_session", DELETE="delete_session")
-    _add_owned(app, "/sessions/{session_id}/events", GET="session_events")
-    _add_owned(app, "/sessions/{session_id}/cancel", POST="cancel_session")
-    _add_owned(app, "/healthz", GET="healthz")
-    _add_owned(app, "/metrics", GET="metrics_text")
-    _add_owned(app, "/resume.js", GET="resume_js")
-    _add_owned(app, "/demo", GET="demo")
-    # Background responses: these pass upstream whenever the proxy does not serve them
-    # (no `background: true`, an id it does not know, another method).
-    app.router.add_route("POST", "/v1/responses", _dispatch("create", RESPONSES))
-    app.router.add_route("*", "/v1/responses/{response_id}", _dispatch("by_id", RESPONSES))
-    app.router.add_route("*", "/v1/responses/{response_id}/cancel", _dispatch("cancel", RESPONSES))
-    app.router.add_route("*", "/{tail:.*}", _dispatch("proxy"))
     return app

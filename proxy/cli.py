@@ -123,7 +123,7 @@ def _upstream_name(config: Config) -> str:
 @click.option("--interval-ms", type=click.FloatRange(0), default=20.0, show_default=True)
 def mock_upstream(host: str, port: int, tokens: int, interval_ms: float) -> None:
     """Serve the built-in OpenAI-compatible mock upstream alone."""
-    from .mock_upstream import run_mock_upstream
+    from .mock import run_mock_upstream
 
     _use_uvloop()
     run_mock_upstream(host, port, tokens, interval_ms)

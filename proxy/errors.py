@@ -1,12 +1,21 @@
 """The proxy's exceptions, each carrying the HTTP status and code the contract gives it.
 
 Handlers raise these; one middleware in `app.py` turns them into the contract's JSON shape
-`{"error": {"message", "type", "code"}}`, so no handler builds error bodies by hand.
+`{"error": {"message", "type", "code"}}`, so no handler builds error bodies by hand. The
+store raises its own errors (`proxy/storage/base.py`); `as_proxy_error` is the one mapping
+of those to HTTP, and `error_body` the one builder of the JSON shape.
 """
 
 from __future__ import annotations
 
+from .storage.base import SessionExists, SessionMissing, StorageError
+
 ERROR_TYPE = "resumable_proxy_error"
+
+
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The contract's error shape; every error the proxy sends (HTTP or SSE) is built here."""
+    return {"error": {"message": message, "type": ERROR_TYPE, "code": code}}
 
 
 class ProxyError(Exception):
@@ -19,7 +28,7 @@ class ProxyError(Exception):
         self.message = message
 
     def body(self) -> dict[str, dict[str, str]]:
-        return {"error": {"message": self.message, "type": ERROR_TYPE, "code": self.code}}
+        return error_body(self.code, self.message)
 
 
 class BadRequest(ProxyError):
@@ -47,7 +56,10 @@ class InvalidCursor(BadRequest):
     code = "invalid_cursor"
 
 
-class SessionNotFound(ProxyError):
+class SessionNotFound(ProxyError, SessionMissing):
+    """Also a `SessionMissing`, so one `except SessionMissing` covers both the store's own
+    error and this one (which a store written before storage errors may still raise)."""
+
     status = 404
     code = "session_not_found"
 
@@ -67,7 +79,7 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
-class SessionConflict(ProxyError):
+class SessionConflict(ProxyError, SessionExists):
     status = 409
     code = "session_conflict"
 
@@ -118,3 +130,14 @@ class TooManyConnections(ProxyError):
     status = 503
     code = "too_many_connections"
     closes_connection = True
+
+
+def as_proxy_error(exc: ProxyError | StorageError | SessionMissing | SessionExists) -> ProxyError:
+    """The one mapping from the store's errors to the contract's HTTP errors."""
+    if isinstance(exc, ProxyError):
+        return exc
+    if isinstance(exc, SessionMissing):
+        return SessionNotFound(str(exc) or "no such session")
+    if isinstance(exc, SessionExists):
+        return SessionConflict(str(exc) or "session already exists")
+    return StorageUnavailable("the session store is unavailable; try again shortly")

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -20,11 +19,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-
-from .storage.disk import DiskStore
-
-if TYPE_CHECKING:
-    from .sessions import SessionManager
 
 LATENCY_BUCKETS = (
     0.0001,
@@ -101,7 +95,9 @@ class Metrics:
         self.fsync_seconds = LatencyHistogram(
             "log_fsync_seconds", "Duration of one log fsync (covering every write before it)"
         )
-        self._manager: SessionManager | None = None
+        # Gauges read at scrape time from the parts that own the values (wired in app.py),
+        # so this module imports nothing of the project.
+        self._gauges: list[tuple[str, str, Callable[[], float]]] = []
         self.registry = CollectorRegistry()
         self.registry.register(self)  # type: ignore[arg-type]
 
@@ -147,8 +143,11 @@ class Metrics:
 
     # --- scraping --------------------------------------------------------------------------
 
-    def render(self, manager: SessionManager) -> tuple[bytes, str]:
-        self._manager = manager
+    def add_gauge(self, name: str, summary: str, read: Callable[[], float]) -> None:
+        """Report `read()` as the gauge `resumable_proxy_<name>` at every scrape."""
+        self._gauges.append((_PREFIX + name, summary, read))
+
+    def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def collect(self) -> Iterator[Metric]:
@@ -189,21 +188,5 @@ class Metrics:
             self.fsync_seconds,
         ):
             yield histogram.family()
-        manager = self._manager
-        if manager is None:
-            return
-        store = manager.store
-        yield GaugeMetricFamily(
-            _PREFIX + "live_sessions",
-            "Sessions whose upstream is being read now",
-            value=manager.live_count,
-        )
-        yield GaugeMetricFamily(
-            _PREFIX + "storage_healthy", "1 while the store can write", value=int(store.healthy)
-        )
-        if isinstance(store, DiskStore):
-            yield GaugeMetricFamily(
-                _PREFIX + "storage_bytes",
-                "Bytes the store keeps on disk (segment files)",
-                value=store.stored_bytes(),
-            )
+        for name, summary, read in self._gauges:
+            yield GaugeMetricFamily(name, summary, value=read())

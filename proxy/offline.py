@@ -7,28 +7,24 @@ proxy appends to the same dir; it sees the log as of the moment it opened it.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import time
 from pathlib import Path
 
 import click
 
-from .readers import error_event
+from .readers import READ_BATCH_BYTES, final_event, replay
 from .sessions import check_session_id
-from .storage.base import ENDED_WITH_ERROR, StorageError
+from .storage.base import StorageError
 from .storage.disk import DiskStore
+from .storage.log import segment_bases
 from .summary import session_details
-
-_CAT_BATCH_BYTES = 1024 * 1024
-_SEGMENT_NAME = re.compile(r"\d{20}\.log\Z")
 
 
 def _open(directory: Path) -> DiskStore:
     if not directory.is_dir():
         raise StorageError(f"{directory} does not exist or is not a directory")
-    segments = [path for path in directory.glob("*.log") if _SEGMENT_NAME.match(path.name)]
-    if not segments and not (directory / "LOCK").exists():
+    if not segment_bases(directory) and not (directory / "LOCK").exists():
         raise StorageError(f"{directory} is not a resumable-proxy data dir (no *.log segments)")
     return DiskStore.open_readonly(directory)
 
@@ -87,15 +83,12 @@ async def _cat(store: DiskStore, session_id: str, offset: int) -> None:
     if offset > info.events:
         raise ValueError(f"offset {offset} is past the end ({info.events} events)")
     out = sys.stdout.buffer
-    next_event = offset + 1
-    while True:
-        data, count = await store.read(session_id, next_event, _CAT_BATCH_BYTES)
-        if not count:
-            break
+
+    async def write(data: bytes, count: int, last: int) -> None:
         out.write(data)
-        next_event += count
-    if info.state in ENDED_WITH_ERROR:
-        out.write(error_event(info.state, info.reason))
+
+    await replay(store, session_id, offset + 1, READ_BATCH_BYTES, write)
+    out.write(final_event(info))
     out.flush()
 
 

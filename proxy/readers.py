@@ -14,13 +14,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from .errors import ERROR_TYPE, SessionNotFound
+from .errors import error_body
 from .sse import KEEPALIVE
-from .storage.base import CANCELLED, ENDED_WITH_ERROR, FAILED, INTERRUPTED, STREAMING, SessionStore
+from .storage.base import (
+    CANCELLED,
+    ENDED_WITH_ERROR,
+    FAILED,
+    INTERRUPTED,
+    STREAMING,
+    SessionInfo,
+    SessionMissing,
+    SessionStore,
+)
 from .trace import TRACE
 
 # A resume's first write goes out after a small read, so the time to first replayed byte does
@@ -57,7 +66,7 @@ def error_event(state: str, reason: str) -> bytes:
 
     It has no `id:` line, so a client's last event id stays that of the last real event.
     """
-    body = {"error": {"message": error_message(state, reason), "type": ERROR_TYPE, "code": state}}
+    body = error_body(state, error_message(state, reason))
     return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
 
@@ -157,6 +166,36 @@ class LiveWriter:
         self._timer = asyncio.get_running_loop().call_later(self.keepalive - idle, self._tick)
 
 
+async def replay(
+    store: SessionStore,
+    session_id: str,
+    next_event: int,
+    budget: int,
+    write: Callable[[bytes, int, int], Awaitable[None]],
+) -> int:
+    """Write every event readable now from `next_event` on, one store read at a time, as
+    `write(data, count, last event)`; returns the event after the last one written.
+
+    The replay of the server (`follow`) and of `resumable-proxy sessions cat`: the first
+    read takes `budget` bytes (small, `FIRST_READ_BYTES`, so the first bytes leave early),
+    later ones `READ_BATCH_BYTES`. Raises SessionMissing if the session goes.
+    """
+    size = budget
+    while True:
+        data, count = await store.read(session_id, next_event, size)
+        if not count:
+            return next_event
+        next_event += count
+        await write(data, count, next_event - 1)
+        size = READ_BATCH_BYTES
+
+
+def final_event(info: SessionInfo) -> bytes:
+    """What a reader gets after the last event of a finished session: the error event of
+    one that did not complete, nothing for a complete one."""
+    return error_event(info.state, info.reason) if info.state in ENDED_WITH_ERROR else b""
+
+
 async def follow(
     request: web.Request,
     response: web.StreamResponse,
@@ -175,23 +214,24 @@ async def follow(
     next_event = offset + 1
     last_write = time.monotonic()
     headers_sent = False
-    budget = FIRST_READ_BYTES
+    budget = FIRST_READ_BYTES  # until the first events are out, then READ_BATCH_BYTES
+
+    async def write(data: bytes, count: int, last: int) -> None:
+        nonlocal headers_sent, last_write, budget
+        if TRACE is not None:
+            TRACE.client_write(session_id, last)
+        await response.write(data)
+        headers_sent = True
+        budget = READ_BATCH_BYTES
+        last_write = time.monotonic()
+        on_write(count, None)
+
     while True:
         try:
-            data, count = await store.read(session_id, next_event, budget)
-        except SessionNotFound:
+            next_event = await replay(store, session_id, next_event, budget, write)
+        except SessionMissing:
             await response.write(deleted_event())
             return
-        if count:
-            if TRACE is not None:
-                TRACE.client_write(session_id, next_event + count - 1)
-            await response.write(data)
-            headers_sent = True
-            budget = READ_BATCH_BYTES
-            next_event += count
-            last_write = time.monotonic()
-            on_write(count, None)
-            continue
         info = await store.get(session_id)
         if info is None:
             await response.write(deleted_event())
@@ -199,8 +239,9 @@ async def follow(
         if info.state != STREAMING:
             if info.events >= next_event:
                 continue  # its last events became readable together with its end
-            if info.state in ENDED_WITH_ERROR:
-                await response.write(error_event(info.state, info.reason))
+            final = final_event(info)
+            if final:
+                await response.write(final)
             return
         if not headers_sent:
             await response.write(b"")  # the headers, so the client has the session id at once

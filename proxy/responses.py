@@ -33,7 +33,7 @@ from aiohttp import web
 
 from .access import may_access
 from .api import SESSION_ID, Api, parse_offset
-from .errors import ResponseNotFound, SessionNotFound, UpstreamBadResponse
+from .errors import ResponseNotFound, UpstreamBadResponse
 from .readers import error_message
 from .relay import UpstreamRequest, build_upstream_request, is_event_stream, relay_plain
 from .sse import event_data, split_events
@@ -43,6 +43,7 @@ from .storage.base import (
     INTERRUPTED,
     STREAMING,
     SessionInfo,
+    SessionMissing,
     check_alias,
 )
 
@@ -171,7 +172,7 @@ class BackgroundResponses:
                 if info is None or (info.state != STREAMING and info.events == 0):
                     return None
                 await store.wait(session_id, 0, WAIT_SLICE)
-        except SessionNotFound:
+        except SessionMissing:
             return None
         found = response_of(split_events(data)[0])
         if found is None:

@@ -21,7 +21,7 @@ import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from .config import SESSION_ID_PATTERN, Config
-from .errors import InvalidSessionId, SessionNotFound, ShuttingDown
+from .errors import InvalidSessionId, ShuttingDown
 from .metrics import Metrics
 from .sse import MalformedStream, SSEFramer
 from .storage.base import (
@@ -30,6 +30,7 @@ from .storage.base import (
     INTERRUPTED,
     SessionInfo,
     SessionMeta,
+    SessionMissing,
     SessionStore,
     StorageError,
 )
@@ -292,7 +293,7 @@ class Pump:
         self._close_upstream()
         try:
             self._store.end(self._session_id, state, reason, time.time_ns())
-        except (SessionNotFound, StorageError) as exc:  # deleted meanwhile, or the store broke
+        except (SessionMissing, StorageError) as exc:  # deleted meanwhile, or the store broke
             log.debug("session %s: no end record written: %s", self._session_id, exc)
         self._metrics.session_ended(state)
         self.done.set_result(None)

@@ -8,8 +8,8 @@ import pytest
 
 from proxy.config import Config
 
-from .helpers import ScriptedUpstream, make_config, run_proxy
-from .redis_server import RedisClusterServers, redis_available
+from .helpers import ProxyProcess, ScriptedUpstream, make_config, run_proxy
+from .redis_server import RedisClusterServers, RedisServer, redis_available
 
 
 @pytest.fixture
@@ -31,6 +31,23 @@ def config_for(tmp_path: Path) -> Callable[..., Config]:
 def proxy_for() -> Callable[[Config], Any]:
     """`async with proxy_for(config) as proxy:` runs the real app on a free port."""
     return run_proxy
+
+
+@pytest.fixture
+def proxies() -> Iterator[list[ProxyProcess]]:
+    """Proxy processes a test starts (append them); each is killed when the test ends."""
+    started: list[ProxyProcess] = []
+    yield started
+    for proxy in started:
+        proxy.kill()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A real redis-server for the module's tests (they flush it as they need)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,3 +288,23 @@ class ThreadedProxy:
 
         assert self.proxy is not None
         return self.proxy.app[API].upstream_url
+
+
+def read_events(chunks: Iterable[bytes], count: int) -> bytes:
+    """Bytes as the client got them, until at least `count` whole events arrived."""
+    seen = b""
+    for chunk in chunks:
+        seen += chunk
+        if seen.count(b"\n\n") >= count:
+            break
+    return seen
+
+
+def whole_events(seen: bytes) -> bytes:
+    """`seen` up to the end of its last whole event (a cut read ends mid-event)."""
+    return seen[: seen.rindex(b"\n\n") + 2]
+
+
+def split_whole_events(body: bytes) -> list[bytes]:
+    """The whole events of `body`, each with its blank line; a torn last one is left out."""
+    return [event + b"\n\n" for event in body.split(b"\n\n")[:-1]]

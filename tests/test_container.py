@@ -21,7 +21,7 @@ import pytest
 import yaml
 from openai import OpenAI
 
-from proxy.mock_upstream import answer_tokens
+from proxy.mock import answer_tokens
 
 from .helpers import ROOT, event_ids, mock_stream_body
 from .podman import (

@@ -11,7 +11,7 @@ import aiohttp
 import anthropic
 import pytest
 
-from proxy.mock_upstream import MockServer, serve_mock
+from proxy.mock import MockServer, serve_mock
 
 from .helpers import FIXTURES
 

@@ -21,7 +21,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from proxy.mock_upstream import MockServer, serve_mock
+from proxy.mock import MockServer, serve_mock
 
 from .helpers import ROOT
 

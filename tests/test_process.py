@@ -6,43 +6,20 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .helpers import ROOT, ProxyProcess, event_ids, mock_stream_body
+from .helpers import ROOT, ProxyProcess, event_ids, mock_stream_body, read_events, whole_events
 
 AUTH = {"Authorization": "Bearer sk-carol"}
-
-
-@pytest.fixture
-def proxies(tmp_path: Path) -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
 
 
 def start(proxies: list[ProxyProcess], data_dir: Path, *args: str) -> ProxyProcess:
     proxy = ProxyProcess(data_dir, extra_args=list(args))
     proxies.append(proxy)
     return proxy.start()
-
-
-def read_events(chunks: Iterator[bytes], count: int) -> bytes:
-    """Bytes as the client got them, until at least `count` whole events arrived."""
-    seen = b""
-    for chunk in chunks:
-        seen += chunk
-        if seen.count(b"\n\n") >= count:
-            break
-    return seen
-
-
-def whole_events(seen: bytes) -> bytes:
-    return seen[: seen.rindex(b"\n\n") + 2]
 
 
 def test_kill9_mid_stream_then_restart_keeps_every_event_a_client_saw(

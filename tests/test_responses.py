@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from openai import AsyncOpenAI
 
 from proxy.app import API
 from proxy.config import Config
-from proxy.mock_upstream import answer_tokens
+from proxy.mock import answer_tokens
 from proxy.relay import UpstreamRequest
 from proxy.responses import background_request, latest_response_in
 from proxy.sse import event_data, split_events
@@ -45,13 +45,6 @@ def full_text(tokens: int) -> str:
 
 def mock_fields(tokens: int, interval_ms: float) -> dict[str, Any]:
     return {"mock_tokens": tokens, "mock_interval_ms": interval_ms}
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(params=["disk", "redis"])

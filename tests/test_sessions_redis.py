@@ -8,7 +8,7 @@ config, pointing `storage` at a real redis-server that is emptied before each te
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,6 @@ pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is n
 globals().update(
     {name: test for name, test in vars(test_sessions).items() if name.startswith("test_")}
 )
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -28,6 +28,18 @@ class StorageError(Exception):
     """The store cannot take or give data (disk full, I/O error, Redis gone, lock held)."""
 
 
+class SessionMissing(Exception):
+    """No live session has this id (never made, deleted, or reclaimed).
+
+    Storage says what happened in its own words; the HTTP layer decides what that means to a
+    client (`proxy.errors.as_proxy_error`), so storage never imports it.
+    """
+
+
+class SessionExists(Exception):
+    """A session with this id is already in the store (create is not idempotent)."""
+
+
 @dataclass(frozen=True, slots=True)
 class SessionMeta:
     """What is fixed when a session opens; logged once, first of all its records."""
@@ -86,6 +98,10 @@ class SessionStore(Protocol):
     @property
     def healthy(self) -> bool:
         """False while the store cannot write (reported by /healthz)."""
+
+    def stored_bytes(self) -> int:
+        """Bytes the store keeps (the storage_bytes gauge): segment files on disk."""
+        ...
 
     async def check_health(self) -> bool:
         """`healthy` for /healthz, re-checked (rate-limited) while it is False, so the store

@@ -24,47 +24,31 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from time import monotonic_ns
 
 from proxy.config import StorageConfig
-from proxy.errors import SessionConflict, SessionNotFound
 from proxy.storage.base import (
     FAILED,
     INTERRUPTED,
     STREAMING,
     Follower,
+    SessionExists,
     SessionInfo,
     SessionMeta,
+    SessionMissing,
     StopHandler,
     StorageError,
     check_alias,
     detach_all,
     push_batch,
 )
+from proxy.storage.index import Pending, Segment, SessionLog
 from proxy.storage.log import (
-    ALIAS,
-    DELETE,
-    END,
-    EVENTS,
-    OPEN,
     Log,
-    Pending,
-    Run,
-    Segment,
-    SessionLog,
-    encode_index,
-    encode_meta,
-    frame_alias,
-    frame_delete,
-    frame_end,
-    frame_events,
-    frame_open,
     fsync_all,
     probe_writable,
-    seal_segment,
     sync_paths,
-    take_events,
 )
+from proxy.storage.records import DELETE, END, EVENTS, take_events
 from proxy.trace import TRACE
 
 logger = logging.getLogger("proxy.storage")
@@ -72,9 +56,6 @@ logger = logging.getLogger("proxy.storage")
 _WRITE_NOW_BYTES = 1024 * 1024  # a buffer this big is written at once, not at turn end
 PROBE_INTERVAL = 1.0  # seconds between writability probes of an unhealthy store
 PROBE_WAIT = 2.0  # how long /healthz waits for a probe (a hung disk stays unhealthy)
-# Appends closer than this to the previous write are batched to the end of the loop turn
-# (many streams' reads in one turn: one os.write); a lone append is written at once.
-_QUIET_NS = 50_000
 INTERRUPTED_REASON = "proxy stopped while streaming"
 TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
 
@@ -106,10 +87,7 @@ class DiskStore:
         self._log = Log(self._directory, config.segment_bytes, read_only=read_only)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd = -1
-        self._buf = bytearray()
-        self._pending: list[Pending] = []
         self._write_scheduled = False
-        self._last_write_ns = 0
         self._tails: dict[str, _Tail] = {}
         # (created_ns, id) of every session, ascending: GET /sessions pages newest first
         # without sorting per call (create and delete keep it sorted with a bisect).
@@ -234,25 +212,16 @@ class DiskStore:
 
     # the write side: never blocks, frames into the buffer
 
-    async def claim(self, meta: SessionMeta) -> None:
-        """One process owns the data dir (the lock), so the index here is the whole truth and
-        `create` right after (no await between) cannot be raced."""
-        if meta.session_id in self._log.sessions:
-            raise SessionConflict(f"session {meta.session_id} already exists")
-
     def create(self, meta: SessionMeta) -> SessionInfo:
         session_id = meta.session_id
         if session_id in self._log.sessions:
-            raise SessionConflict(f"session {session_id} already exists")
-        info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
-        slog = self._log.sessions[session_id] = SessionLog(session_id, info)
+            raise SessionExists(f"session {session_id} already exists")
+        slog = self._log.open_session(meta)
         insort(self._order, (meta.created_ns, session_id))
-        meta_json = encode_meta(meta)
-        start = len(self._buf)
-        length = frame_open(self._buf, slog.key, meta_json)
-        self._queue(Pending(OPEN, slog, start, length, 0, 0, meta.created_ns, 0, meta_json))
         self._tails[session_id] = _Tail()
-        return info
+        self._queued(len(self._log.buf))
+        assert slog.info is not None
+        return slog.info
 
     def append(
         self,
@@ -266,45 +235,27 @@ class DiskStore:
         refused = slog.info.storage_error if slog.info is not None else None
         if refused is not None:
             raise StorageError(f"session {session_id}: the log stopped taking it: {refused}")
-        if len(data) + 4 * len(ends) + 160 > self._log.max_record:
-            raise StorageError(f"session {session_id}: a batch of {len(data)} bytes is too big")
-        start = len(self._buf)
-        length = frame_events(self._buf, slog.key, first_event, arrival_ns, ends, data)
-        count = len(ends)
-        self._queue(
-            Pending(EVENTS, slog, start, length, first_event, count, arrival_ns, len(data), data)
-        )
+        buffered = self._log.append_events(slog, first_event, data, ends, arrival_ns)
         tail = self._tails.get(session_id)
         if tail is not None:
             tail.batches.append((first_event, data, ends))
             tail.nbytes += len(data)
             while tail.nbytes > self._tail_bytes and len(tail.batches) > 1:
                 tail.nbytes -= len(tail.batches.popleft()[1])
+        self._queued(buffered)
 
     def end(self, session_id: str, state: str, reason: str, ended_ns: int) -> None:
         slog = self._live(session_id)
         if slog.ended:
             return
-        slog.ended = True
         error = slog.info.storage_error if slog.info is not None else None
         if error is not None:
             state, reason = FAILED, f"storage error: {error}"
-        start = len(self._buf)
-        length = frame_end(self._buf, slog.key, state, reason, ended_ns)
-        self._queue(Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns)))
+        self._queued(self._log.append_end(slog, state, reason, ended_ns))
 
     async def add_alias(self, session_id: str, alias: str) -> None:
         slog = self._live(session_id)
-        info = slog.info
-        assert info is not None
-        start = len(self._buf)
-        length = frame_alias(self._buf, slog.key, check_alias(alias))
-        self._queue(Pending(ALIAS, slog, start, length, 0, 0, 0, 0, alias))
-        aliases = self._log.aliases
-        if info.alias is not None and aliases.get(info.alias) == session_id:
-            del aliases[info.alias]
-        info.alias = alias
-        aliases[alias] = session_id
+        self._queued(self._log.append_alias(slog, check_alias(alias)))
         await self.flush()
 
     async def resolve_alias(self, alias: str) -> str | None:
@@ -324,18 +275,14 @@ class DiskStore:
     def _live(self, session_id: str) -> SessionLog:
         slog = self._log.sessions.get(session_id)
         if slog is None or slog.info is None:
-            raise SessionNotFound(f"session {session_id} not found")
+            raise SessionMissing(f"session {session_id} not found")
         return slog
 
-    def _queue(self, record: Pending) -> None:
+    def _queued(self, buffered: int) -> None:
+        """A record was framed (`buffered` bytes wait): write now, or at the turn's end."""
         if self._read_only:
             raise StorageError("the store was opened read-only")
-        self._pending.append(record)
-        if len(self._buf) >= _WRITE_NOW_BYTES:
-            self._write()
-        elif not self._write_scheduled and monotonic_ns() - self._last_write_ns > _QUIET_NS:
-            # A lone append (the log was quiet): write it now, inside the read that brought
-            # it, instead of paying a loop turn and an extra poll to batch it with nothing.
+        if buffered >= _WRITE_NOW_BYTES:
             self._write()
         elif not self._write_scheduled:
             self._write_scheduled = True
@@ -345,18 +292,9 @@ class DiskStore:
     def _write(self) -> None:
         """Drain the buffer with one os.write, then publish or hand over to the fsync thread."""
         self._write_scheduled = False
-        self._last_write_ns = monotonic_ns()
-        if not self._pending:
+        if not self._log.pending:
             return
-        buf, records = self._buf, self._pending
-        self._buf, self._pending = bytearray(), []
-        try:
-            result = self._log.write(buf, records)
-        except Exception as exc:  # a bug must not kill the loop callback; treat as a failure
-            logger.exception("storage: unexpected error while writing the log")
-            result_written, error, sealed, touched = 0, OSError(str(exc)), [], []
-        else:
-            result_written, error, sealed, touched = result
+        records, result_written, error, sealed, touched = self._log.write()
         for segment in touched:
             self._dirty[segment.base] = segment
         for segment in sealed:
@@ -387,19 +325,8 @@ class DiskStore:
     def _seal(self, segment: Segment) -> None:
         assert self._loop is not None
         self._dirty.pop(segment.base, None)
-        # The index is encoded on the fsync thread, not here: a segment of 32 MiB can hold
-        # tens of thousands of runs, and encoding them on the loop stalled every live stream.
-        # The runs are handed over whole; the loop starts a fresh list for the next segment.
-        runs, segment.runs = segment.runs, []
         job = self._loop.run_in_executor(
-            self._executor,
-            _encode_and_seal,
-            segment.fd,
-            segment.index_path,
-            segment.size,
-            segment.records,
-            runs,
-            self._config.fsync != "never",
+            self._executor, self._log.seal_job(segment, self._config.fsync != "never")
         )
         self._sealing.add(job)
         job.add_done_callback(partial(self._sealed, segment))
@@ -411,9 +338,7 @@ class DiskStore:
             self._trouble(error, "fsync at segment roll")
         elif error is not None:
             logger.error("storage: sealing %s failed: %r", segment.path, error)
-        os.close(segment.fd)
-        segment.fd = -1
-        segment.sealed = True
+        self._log.sealed(segment)
 
     def _kick_fsync(self) -> None:
         """Start one fsync covering every batch queued so far, unless one is running."""
@@ -689,9 +614,7 @@ class DiskStore:
         written: list[asyncio.Future[str | None]] = []
         for slog in slogs:
             done: asyncio.Future[str | None] = self._loop.create_future()
-            start = len(self._buf)
-            length = frame_delete(self._buf, slog.key, now_ns)
-            self._queue(Pending(DELETE, slog, start, length, 0, 0, now_ns, 0, done))
+            self._queued(self._log.append_delete(slog, now_ns, done))
             written.append(done)
         errors = await asyncio.gather(*written)
         error = next((message for message in errors if message is not None), None)
@@ -723,17 +646,11 @@ class DiskStore:
 
     def _forget(self, slog: SessionLog) -> None:
         """Drop a session whose DELETE record is durable: 404 from now on, readers woken."""
-        if self._log.sessions.get(slog.session_id) is slog:
-            del self._log.sessions[slog.session_id]
-            if slog.info is not None:
-                key = (slog.info.meta.created_ns, slog.session_id)
-                position = bisect_left(self._order, key)
-                if position < len(self._order) and self._order[position] == key:
-                    del self._order[position]
-        slog.deleted = True
-        alias = slog.info.alias if slog.info is not None else None
-        if alias is not None and self._log.aliases.get(alias) == slog.session_id:
-            del self._log.aliases[alias]
+        if self._log.forget(slog) and slog.info is not None:
+            key = (slog.info.meta.created_ns, slog.session_id)
+            position = bisect_left(self._order, key)
+            if position < len(self._order) and self._order[position] == key:
+                del self._order[position]
         self._tails.pop(slog.session_id, None)
         detach_all(self._followers.pop(slog.session_id, None))
         waiters = self._waiters.pop(slog.session_id, None)
@@ -893,12 +810,6 @@ def _read_key(path: Path) -> bytes:
     if len(key) != 32:
         raise StorageError(f"{path}: expected a 32-byte key, found {len(key)} bytes")
     return key
-
-
-def _encode_and_seal(
-    fd: int, index_path: Path, size: int, records: int, runs: list[Run], fsync: bool
-) -> None:
-    seal_segment(fd, index_path, encode_index(size, records, runs), fsync)
 
 
 def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:

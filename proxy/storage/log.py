@@ -1,49 +1,68 @@
-"""The segmented log under the disk store: record framing, segments, recovery, the index.
+"""The log engine under the disk store: it owns the write buffer, frames every record into
+it (`append_*`, the one place a `Pending` is built), writes it (`write`), seals rolled
+segments, deletes, recovers, reads and reclaims.
 
 Everything here is synchronous and knows nothing of asyncio, so each step can be tested (and
 reasoned about) one call at a time; `disk.py` decides *when* these calls run and on which
-thread. The byte layout and the deletion rules are in FORMAT.md, which this module implements.
+thread. Record bytes are `records.py`'s, the index is `index.py`'s; the layout and the
+deletion rules are in FORMAT.md.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import logging
-import mmap
 import os
 import re
 import struct
-import sys
 import time
 import zlib
 from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from dataclasses import fields as dataclass_fields
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from proxy.storage.base import SessionInfo, SessionMeta, StorageError
+from proxy.storage.index import (
+    Pending,
+    Run,
+    Segment,
+    SessionLog,
+    apply_run,
+    decode_index,
+    encode_index,
+    index_written,
+    scan_segment,
+)
+from proxy.storage.records import (
+    ALIAS,
+    DELETE,
+    END,
+    EVENTS,
+    EVENTS_FIXED,
+    HEADER,
+    MIN_MAX_RECORD,
+    OPEN,
+    encode_meta,
+    ends_view,
+    frame_alias,
+    frame_delete,
+    frame_end,
+    frame_events,
+    frame_open,
+    take_events,
+)
 
 logger = logging.getLogger("proxy.storage")
 
-HEADER = struct.Struct("<IIB")  # crc32 over (length, type, payload), payload length, type
-OPEN, EVENTS, END, DELETE, ALIAS = 1, 2, 3, 4, 5
-RECORD_TYPES = frozenset((OPEN, EVENTS, END, DELETE, ALIAS))
-_LENGTH_TYPE = struct.Struct("<IB")
-_CRC = struct.Struct("<I")
-_U32 = struct.Struct("<I")
-_EVENTS_FIXED = struct.Struct("<QIQ")  # first_event, count, arrival_ns
-_U64 = struct.Struct("<Q")
-# The smallest limit on one record's payload; a batch is one upstream read, far below it.
-MIN_MAX_RECORD = 16 * 1024 * 1024
 _SEGMENT_NAME = re.compile(r"(\d{20})\.log\Z")
 _READ_FDS = 64  # read descriptors kept open for sealed segments
-_LITTLE_ENDIAN = sys.byteorder == "little"
+# Room a batch's framing takes beyond its bytes and ends (header, id, fixed fields).
+_EVENTS_OVERHEAD = 160
 
 
 class _OsCalls:
@@ -65,394 +84,17 @@ def segment_name(base: int) -> str:
     return f"{base:020d}.log"
 
 
-# --- record framing ---------------------------------------------------------------------
-
-
-def session_key(session_id: str) -> bytes:
-    """The length-prefixed id every record payload starts with (ids are ASCII, <= 128)."""
-    raw = session_id.encode("ascii")
-    return bytes((len(raw),)) + raw
-
-
-def _frame(buf: bytearray, rtype: int, parts: Sequence[bytes]) -> int:
-    """Append one record to `buf`; returns its size on disk, header included."""
-    length = 0
-    for part in parts:
-        length += len(part)
-    length_type = _LENGTH_TYPE.pack(length, rtype)
-    crc = zlib.crc32(length_type)
-    for part in parts:
-        crc = zlib.crc32(part, crc)
-    buf += _CRC.pack(crc)
-    buf += length_type
-    for part in parts:
-        buf += part
-    return HEADER.size + length
-
-
-def ends_bytes(ends: Sequence[int]) -> bytes:
-    """The packed little-endian u32 array of event end offsets."""
-    packed = ends if isinstance(ends, array) and ends.typecode == "I" else array("I", ends)
-    if not _LITTLE_ENDIAN:
-        packed = array("I", packed)
-        packed.byteswap()
-    return packed.tobytes()
-
-
-def frame_events(
-    buf: bytearray,
-    key: bytes,
-    first_event: int,
-    arrival_ns: int,
-    ends: Sequence[int],
-    data: bytes,
-) -> int:
-    """The hot-path record: framed in one pass (one join, two crc32 calls, one header pack)."""
-    count = len(ends)
-    packed_ends = _U32.pack(ends[0]) if count == 1 else ends_bytes(ends)
-    payload = b"".join((key, _EVENTS_FIXED.pack(first_event, count, arrival_ns), packed_ends, data))
-    length = len(payload)
-    crc = zlib.crc32(payload, zlib.crc32(_LENGTH_TYPE.pack(length, EVENTS)))
-    buf += HEADER.pack(crc, length, EVENTS)
-    buf += payload
-    return HEADER.size + length
-
-
-def encode_meta(meta: SessionMeta) -> bytes:
-    """JSON of the meta; fields listed by hand because `dataclasses.asdict` deep-copies
-    recursively, which showed up per stream in the relay's profile."""
-    values = {name: getattr(meta, name) for name in _META_FIELDS}
-    return json.dumps(values, separators=(",", ":")).encode()
-
-
-_META_FIELDS = tuple(item.name for item in dataclass_fields(SessionMeta))
-
-
-def decode_meta(raw: bytes) -> SessionMeta:
-    fields = json.loads(raw)
-    fields["headers"] = tuple((str(k), str(v)) for k, v in fields["headers"])
-    return SessionMeta(**fields)
-
-
-def frame_open(buf: bytearray, key: bytes, meta_json: bytes) -> int:
-    return _frame(buf, OPEN, (key, meta_json))
-
-
-def frame_end(buf: bytearray, key: bytes, state: str, reason: str, ended_ns: int) -> int:
-    text = json.dumps([state, reason], separators=(",", ":")).encode()
-    return _frame(buf, END, (key, _U64.pack(ended_ns), text))
-
-
-def frame_delete(buf: bytearray, key: bytes, deleted_ns: int) -> int:
-    return _frame(buf, DELETE, (key, _U64.pack(deleted_ns)))
-
-
-def frame_alias(buf: bytearray, key: bytes, alias: str) -> int:
-    return _frame(buf, ALIAS, (key, alias.encode("ascii")))
-
-
-def _ends_view(raw: memoryview) -> Sequence[int]:
-    if _LITTLE_ENDIAN:
-        return raw.cast("I")
-    ends = array("I", raw.tobytes())
-    ends.byteswap()
-    return ends
-
-
-def take_events(
-    ends: Sequence[int], first: int, start_event: int, last_event: int, budget: int, have: int
-) -> tuple[int, int, int]:
-    """Which events of one batch a read returns: (byte start, byte end, event count).
-
-    Events before `start_event` or after `last_event` (the readable end) are left out; whole
-    events are taken while they fit in `budget` bytes, but at least one when the read has
-    none yet (`have` == 0), so a single event larger than the budget still makes progress.
-    """
-    skip = start_event - first if start_event > first else 0
-    stop = min(len(ends), last_event - first + 1)
-    if skip >= stop:
-        return 0, 0, 0
-    lo = ends[skip - 1] if skip else 0
-    fit = bisect_right(ends, lo + budget, skip, stop)
-    if fit == skip:
-        if have:
-            return lo, lo, 0
-        fit = skip + 1
-    return lo, ends[fit - 1], fit - skip
-
-
-# --- the index ------------------------------------------------------------------------
-
-
-def _column() -> array[int]:
-    return array("q")
-
-
-@dataclass(slots=True, eq=False)
-class Run:
-    """The records of one session (one incarnation of its id) inside one segment.
-
-    Parallel arrays, one slot per EVENTS record, so the index costs a few machine words per
-    batch and no Python object per event; the same shape is what a segment's `.idx` file
-    stores, so loading a sealed segment is a handful of `array.frombytes` calls.
-    """
-
-    session_id: str
-    segment: int
-    first_events: array[int] = field(default_factory=_column)
-    counts: array[int] = field(default_factory=_column)
-    offsets: array[int] = field(default_factory=_column)
-    lengths: array[int] = field(default_factory=_column)
-    arrivals: array[int] = field(default_factory=_column)
-    event_bytes: int = 0
-    meta: bytes | None = None  # OPEN payload (JSON) when the incarnation opens here
-    end: tuple[str, str, int] | None = None  # END: state, reason, ended_ns
-    deleted: bool = False
-    alias: str | None = None  # the newest ALIAS of the incarnation in this segment
-    updated_ns: int = 0
-
-    def columns(self) -> tuple[array[int], ...]:
-        return (self.first_events, self.counts, self.offsets, self.lengths, self.arrivals)
-
-
-@dataclass(slots=True, eq=False)
-class SessionLog:
-    """One incarnation of a session id: its summary and where its records are.
-
-    `info` is None for the remains of a session whose OPEN record was already reclaimed:
-    such records are dead, but they still pin the reclaim order (see `Log.reclaim`).
-    """
-
-    session_id: str
-    info: SessionInfo | None
-    key: bytes = b""
-    runs: list[Run] = field(default_factory=list)  # in log order, at most one per segment
-    event_runs: list[Run] = field(default_factory=list)  # runs holding EVENTS records
-    event_starts: list[int] = field(default_factory=list)  # first event of each, to bisect
-    ended: bool = False  # an END was queued (its state is published once written)
-    deleted: bool = False
-
-    def __post_init__(self) -> None:
-        self.key = session_key(self.session_id)
-
-    def add_run(self, run: Run) -> None:
-        self.runs.append(run)
-        if len(run.first_events):
-            self.event_runs.append(run)
-            self.event_starts.append(run.first_events[0])
-
-
-@dataclass(slots=True, eq=False)
-class Segment:
-    """One `.log` file. `fd` is the write descriptor while it is current or being sealed."""
-
-    base: int
-    path: Path
-    size: int = 0
-    records: int = 0
-    fd: int = -1
-    sealed: bool = True
-    runs: list[Run] = field(default_factory=list)  # kept until sealed, for the index file
-    holders: set[SessionLog] = field(default_factory=set)
-
-    @property
-    def index_path(self) -> Path:
-        return self.path.with_suffix(".idx")
-
-
-_INDEX_MAGIC = b"RPIDX2" + (b"L\0" if _LITTLE_ENDIAN else b"B\0")
-_INDEX_HEAD = struct.Struct("<8sQQI")  # magic, segment size, records, runs
-# sid length, flags (1 meta, 2 end, 4 deleted, 8 alias), batches, event bytes, updated_ns,
-# meta length, end length, alias length
-_RUN_HEAD = struct.Struct("<BBIQQIII")
-
-
-def encode_index(size: int, records: int, runs: Sequence[Run]) -> bytes:
-    """A sealed segment's index: a cache that saves recovery from reading the segment."""
-    out = bytearray(_INDEX_HEAD.pack(_INDEX_MAGIC, size, records, len(runs)))
-    for run in runs:
-        sid = run.session_id.encode("ascii")
-        meta = run.meta or b""
-        end = json.dumps(list(run.end)).encode() if run.end else b""
-        alias = run.alias.encode("ascii") if run.alias is not None else b""
-        flags = (
-            (run.meta is not None)
-            | (run.end is not None) << 1
-            | run.deleted << 2
-            | (run.alias is not None) << 3
-        )
-        out += _RUN_HEAD.pack(
-            len(sid),
-            flags,
-            len(run.first_events),
-            run.event_bytes,
-            run.updated_ns,
-            len(meta),
-            len(end),
-            len(alias),
-        )
-        out += sid + meta + end + alias
-        for column in run.columns():
-            out += column.tobytes()
-    out += _CRC.pack(zlib.crc32(out))
-    return bytes(out)
-
-
-def decode_index(data: bytes, segment: int) -> tuple[int, int, list[Run]]:
-    """(segment size, records, runs); ValueError for anything but a whole, valid index."""
-    if len(data) < _INDEX_HEAD.size + 4 or _CRC.unpack_from(data, len(data) - 4)[0] != (
-        zlib.crc32(memoryview(data)[:-4])
-    ):
-        raise ValueError("index checksum mismatch")
-    magic, size, records, count = _INDEX_HEAD.unpack_from(data)
-    if magic != _INDEX_MAGIC:
-        raise ValueError("index of another version or byte order")
-    pos = _INDEX_HEAD.size
-    runs = []
-    for _ in range(count):
-        sid_len, flags, batches, event_bytes, updated_ns, meta_len, end_len, alias_len = (
-            _RUN_HEAD.unpack_from(data, pos)
-        )
-        pos += _RUN_HEAD.size
-        run = Run(data[pos : pos + sid_len].decode("ascii"), segment)
-        pos += sid_len
-        if flags & 1:
-            run.meta = data[pos : pos + meta_len]
-        pos += meta_len
-        if flags & 2:
-            state, reason, ended_ns = json.loads(data[pos : pos + end_len])
-            run.end = (state, reason, ended_ns)
-        pos += end_len
-        if flags & 8:
-            run.alias = data[pos : pos + alias_len].decode("ascii")
-        pos += alias_len
-        run.deleted = bool(flags & 4)
-        run.event_bytes, run.updated_ns = event_bytes, updated_ns
-        for column in run.columns():
-            column.frombytes(data[pos : pos + 8 * batches])
-            pos += 8 * batches
-        runs.append(run)
-    if pos != len(data) - 4:
-        raise ValueError("index length mismatch")
-    return size, records, runs
-
-
-# --- scanning -------------------------------------------------------------------------
-
-
-class ScanResult(NamedTuple):
-    runs: list[Run]
-    size: int  # bytes of whole, valid records from the start
-    records: int
-    problem: str | None  # why the scan stopped before the end of the file
-
-
-def scan_segment(path: Path, base: int, max_record: int) -> ScanResult:
-    """Read a segment to its end or its first invalid record, checking every checksum."""
-    with open(path, "rb") as file:
-        if os.fstat(file.fileno()).st_size == 0:
-            return ScanResult([], 0, 0, None)
-        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            return _scan(mm, base, max_record)
-
-
-def _scan(mm: mmap.mmap, base: int, max_record: int) -> ScanResult:
-    runs: list[Run] = []
-    current: dict[bytes, Run] = {}
-    unpack_header = HEADER.unpack_from
-    unpack_fixed = _EVENTS_FIXED.unpack_from
-    crc32 = zlib.crc32
-    pos = records = 0
-    total = len(mm)
-    problem = None
-    while pos < total:
-        if total - pos < HEADER.size:
-            problem = f"torn record header at byte {pos}"
-            break
-        crc, length, rtype = unpack_header(mm, pos)
-        if rtype not in RECORD_TYPES or length < 2 or length > max_record:
-            problem = f"invalid record header at byte {pos}"
-            break
-        end = pos + HEADER.size + length
-        if end > total:
-            problem = f"torn record at byte {pos}"
-            break
-        if crc32(mm[pos + 4 : end]) != crc:
-            problem = f"checksum mismatch at byte {pos}"
-            break
-        body = pos + HEADER.size + 1 + mm[pos + HEADER.size]
-        key = mm[pos + HEADER.size : body]
-        try:
-            if body > end:
-                raise ValueError("session id overruns the record")
-            if rtype == EVENTS:
-                first, count, arrival = unpack_fixed(mm, body)
-                data_start = body + _EVENTS_FIXED.size + 4 * count
-                if data_start > end:
-                    raise ValueError("event offsets overrun the record")
-                run = current.get(key)
-                if run is None:
-                    run = current[key] = Run(key[1:].decode("ascii"), base)
-                    runs.append(run)
-                run.first_events.append(first)
-                run.counts.append(count)
-                run.offsets.append(pos)
-                run.lengths.append(end - pos)
-                run.arrivals.append(arrival)
-                run.event_bytes += end - data_start
-                run.updated_ns = arrival
-            elif rtype == OPEN:
-                meta = mm[body:end]
-                decode_meta(meta)
-                run = current[key] = Run(key[1:].decode("ascii"), base, meta=meta)
-                runs.append(run)
-            elif rtype == ALIAS:
-                alias = mm[body:end].decode("ascii")
-                if not alias:
-                    raise ValueError("empty alias")
-                run = current.get(key)
-                if run is None:
-                    run = current[key] = Run(key[1:].decode("ascii"), base)
-                    runs.append(run)
-                run.alias = alias
-            else:
-                (stamp,) = _U64.unpack_from(mm, body)
-                run = current.get(key)
-                if run is None:
-                    run = current[key] = Run(key[1:].decode("ascii"), base)
-                    runs.append(run)
-                if rtype == END:
-                    state, reason = json.loads(mm[body + 8 : end])
-                    run.end = (state, reason, stamp)
-                else:
-                    run.deleted = True
-                run.updated_ns = stamp
-        except (ValueError, TypeError, KeyError, struct.error) as exc:
-            problem = f"malformed record at byte {pos}: {exc}"
-            break
-        records += 1
-        pos = end
-    return ScanResult(runs, pos, records, problem)
+def segment_bases(directory: Path) -> list[int]:
+    """The bases of the segment files in a data dir, in log order (FORMAT.md's names)."""
+    names = os.listdir(directory)
+    return sorted(int(match.group(1)) for name in names if (match := _SEGMENT_NAME.match(name)))
 
 
 # --- the log --------------------------------------------------------------------------
 
 
-class Pending(NamedTuple):
-    """A record framed into the write buffer, waiting for its write (and maybe fsync)."""
-
-    rtype: int
-    slog: SessionLog
-    start: int  # offset of the record in the write buffer
-    length: int  # size on disk, header included
-    first_event: int
-    count: int
-    stamp_ns: int  # arrival_ns, ended_ns or deleted_ns
-    data_len: int
-    extra: Any  # OPEN: meta JSON; END: (state, reason, ended_ns); ALIAS: the alias
-
-
 class WriteResult(NamedTuple):
+    records: list[Pending]  # every record the write took from the buffer, in order
     written: int  # records at the front of the batch that are now in the log
     error: OSError | None  # why the rest were not written
     sealed: list[Segment]  # segments rolled away in this write, to fsync and index
@@ -475,16 +117,113 @@ class Log:
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._broken = False  # the current segment may hold a torn tail: roll before writing
         self.unsynced: list[Path] = []  # segments recovery scanned: maybe never fsynced
+        # The write buffer: records framed by `append_*`, written together by `write`.
+        self.buf = bytearray()
+        self.pending: list[Pending] = []
+
+    # appending: frame into the buffer; nothing touches the disk until `write`
+
+    def open_session(self, meta: SessionMeta) -> SessionLog:
+        """A new session incarnation in the index, and its OPEN record in the buffer."""
+        session_id = meta.session_id
+        info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
+        slog = self.sessions[session_id] = SessionLog(session_id, info)
+        meta_json = encode_meta(meta)
+        start = len(self.buf)
+        length = frame_open(self.buf, slog.key, meta_json)
+        self.pending.append(Pending(OPEN, slog, start, length, 0, 0, meta.created_ns, 0, meta_json))
+        return slog
+
+    def append_events(
+        self, slog: SessionLog, first_event: int, data: bytes, ends: Sequence[int], arrival_ns: int
+    ) -> int:
+        """Frame one batch; returns the bytes now buffered (the caller's cue to write)."""
+        if len(data) + 4 * len(ends) + _EVENTS_OVERHEAD > self.max_record:
+            raise StorageError(
+                f"session {slog.session_id}: a batch of {len(data)} bytes is too big"
+            )
+        buf = self.buf
+        start = len(buf)
+        length = frame_events(buf, slog.key, first_event, arrival_ns, ends, data)
+        self.pending.append(
+            Pending(
+                EVENTS, slog, start, length, first_event, len(ends), arrival_ns, len(data), data
+            )
+        )
+        return start + length
+
+    def append_end(self, slog: SessionLog, state: str, reason: str, ended_ns: int) -> int:
+        """Frame the END of a session (once: `slog.ended` marks it queued)."""
+        slog.ended = True
+        start = len(self.buf)
+        length = frame_end(self.buf, slog.key, state, reason, ended_ns)
+        self.pending.append(
+            Pending(END, slog, start, length, 0, 0, ended_ns, 0, (state, reason, ended_ns))
+        )
+        return start + length
+
+    def append_alias(self, slog: SessionLog, alias: str) -> int:
+        """Frame an ALIAS and name the session by it at once (the alias map is the log's)."""
+        info = slog.info
+        assert info is not None
+        start = len(self.buf)
+        length = frame_alias(self.buf, slog.key, alias)
+        self.pending.append(Pending(ALIAS, slog, start, length, 0, 0, 0, 0, alias))
+        aliases = self.aliases
+        if info.alias is not None and aliases.get(info.alias) == slog.session_id:
+            del aliases[info.alias]
+        info.alias = alias
+        aliases[alias] = slog.session_id
+        return start + length
+
+    def append_delete(self, slog: SessionLog, deleted_ns: int, done: Any) -> int:
+        """Frame a DELETE; `done` rides along to the publisher, who settles it."""
+        start = len(self.buf)
+        length = frame_delete(self.buf, slog.key, deleted_ns)
+        self.pending.append(Pending(DELETE, slog, start, length, 0, 0, deleted_ns, 0, done))
+        return start + length
+
+    def forget(self, slog: SessionLog) -> bool:
+        """Drop a session whose DELETE is durable from the index; False if already gone."""
+        slog.deleted = True
+        alias = slog.info.alias if slog.info is not None else None
+        if alias is not None and self.aliases.get(alias) == slog.session_id:
+            del self.aliases[alias]
+        if self.sessions.get(slog.session_id) is not slog:
+            return False
+        del self.sessions[slog.session_id]
+        return True
+
+    # sealing: a rolled segment is fsynced and indexed on the fsync thread
+
+    def seal_job(self, segment: Segment, fsync: bool) -> Callable[[], None]:
+        """What the fsync thread runs for a rolled segment: fsync, then its `.idx`.
+
+        The index is encoded there, not on the loop: a segment of 32 MiB can hold tens of
+        thousands of runs. The runs are handed over whole; the segment starts a fresh list.
+        """
+        runs, segment.runs = segment.runs, []
+        return partial(
+            _encode_and_seal,
+            segment.fd,
+            segment.index_path,
+            segment.size,
+            segment.records,
+            runs,
+            fsync,
+        )
+
+    def sealed(self, segment: Segment) -> None:
+        """The seal job ran (or failed): the write descriptor goes, reads use their own."""
+        os.close(segment.fd)
+        segment.fd = -1
+        segment.sealed = True
 
     # recovery
 
     def recover(self) -> None:
         """Rebuild the index; truncate a torn tail of the newest segment (unless read-only)."""
-        bases = sorted(
-            int(match.group(1))
-            for name in os.listdir(self.directory)
-            if (match := _SEGMENT_NAME.match(name))
-        )
+        bases = segment_bases(self.directory)
         if not self.read_only:
             self._remove_stale_indexes(set(bases))
         for position, base in enumerate(bases):
@@ -502,7 +241,7 @@ class Log:
                 segment.runs = runs
             self.segments[base] = segment
             for run in runs:
-                self._apply(run, segment)
+                apply_run(self.sessions, self.aliases, run, segment)
         for session_id in [sid for sid, slog in self.sessions.items() if slog.deleted]:
             del self.sessions[session_id]
         self.aliases = {
@@ -567,44 +306,21 @@ class Log:
             write_index(segment.index_path, encode_index(result.size, result.records, result.runs))
         return result.runs
 
-    def _apply(self, run: Run, segment: Segment) -> None:
-        slog = self.sessions.get(run.session_id)
-        if run.meta is not None:
-            try:
-                meta = decode_meta(run.meta)
-            except (ValueError, TypeError, KeyError) as exc:
-                logger.error("storage: %s: unreadable session metadata: %s", segment.path, exc)
-                meta = None
-            info = None if meta is None else SessionInfo(meta=meta, updated_ns=meta.created_ns)
-            slog = self.sessions[run.session_id] = SessionLog(run.session_id, info)
-            slog.deleted = info is None
-        elif slog is None:
-            slog = self.sessions[run.session_id] = SessionLog(run.session_id, None, deleted=True)
-        slog.add_run(run)
-        segment.holders.add(slog)
-        info = slog.info
-        if info is not None and not slog.deleted:
-            batches = len(run.first_events)
-            if batches:
-                last = run.first_events[batches - 1] + run.counts[batches - 1] - 1
-                info.events = max(info.events, last)
-                info.bytes += run.event_bytes
-                if info.first_event_ns is None and run.first_events[0] == 1:
-                    info.first_event_ns = run.arrivals[0]
-            if run.end is not None:
-                info.state, info.reason = run.end[0], run.end[1]
-                slog.ended = True
-            if run.alias is not None:
-                info.alias = run.alias
-                self.aliases[run.alias] = run.session_id
-            info.updated_ns = max(info.updated_ns, run.updated_ns)
-        if run.deleted:
-            slog.deleted = True
+    def write(self) -> WriteResult:
+        """Write the buffered records (one os.write per segment touched) and empty the buffer.
 
-    # writing
+        An unexpected error is logged and reported like an OSError: a bug here must not
+        leave records in limbo, neither written nor refused.
+        """
+        buf, records = self.buf, self.pending
+        self.buf, self.pending = bytearray(), []
+        try:
+            return self._write(buf, records)
+        except Exception as exc:
+            logger.exception("storage: unexpected error while writing the log")
+            return WriteResult(records, 0, OSError(str(exc)), [], [])
 
-    def write(self, buf: bytearray, records: Sequence[Pending]) -> WriteResult:
-        """Write the framed records in `buf` (one os.write per segment touched)."""
+    def _write(self, buf: bytearray, records: list[Pending]) -> WriteResult:
         sealed: list[Segment] = []
         touched: list[Segment] = []
         written = 0
@@ -625,7 +341,7 @@ class Log:
                 self._write_all(segment, view[chunk_start : chunk_start + chunk])
                 shift = segment.size - chunk_start
                 for position in range(written, stop):
-                    self._index(records[position], segment, shift)
+                    index_written(records[position], segment, shift)
                 segment.size += chunk
                 segment.records += stop - written
                 self.next_record += stop - written
@@ -633,10 +349,10 @@ class Log:
                     touched.append(segment)
                 written = stop
         except OSError as exc:
-            return WriteResult(written, exc, sealed, touched)
+            return WriteResult(records, written, exc, sealed, touched)
         finally:
             view.release()
-        return WriteResult(written, None, sealed, touched)
+        return WriteResult(records, written, None, sealed, touched)
 
     def _segment_for(self, length: int, sealed: list[Segment]) -> Segment:
         current = self.current
@@ -672,39 +388,6 @@ class Log:
             except OSError:
                 self._broken = True
             raise
-
-    def _index(self, record: Pending, segment: Segment, shift: int) -> None:
-        slog = record.slog
-        runs = slog.runs
-        if runs and runs[-1].segment == segment.base:
-            run = runs[-1]
-        else:
-            run = Run(slog.session_id, segment.base)
-            runs.append(run)
-            segment.runs.append(run)
-            segment.holders.add(slog)
-        rtype = record.rtype
-        if rtype == EVENTS:
-            if not run.first_events:
-                slog.event_runs.append(run)
-                slog.event_starts.append(record.first_event)
-            run.first_events.append(record.first_event)
-            run.counts.append(record.count)
-            run.offsets.append(record.start + shift)
-            run.lengths.append(record.length)
-            run.arrivals.append(record.stamp_ns)
-            run.event_bytes += record.data_len
-        elif rtype == OPEN:
-            run.meta = record.extra
-        elif rtype == END:
-            run.end = record.extra
-        elif rtype == ALIAS:
-            run.alias = record.extra
-        else:
-            run.deleted = True
-        run.updated_ns = max(run.updated_ns, record.stamp_ns)
-
-    # reading
 
     def read_events(
         self, slog: SessionLog, start_event: int, last_event: int, max_bytes: int
@@ -845,8 +528,8 @@ def _events_from(
         ):
             raise StorageError(f"corrupt record in {path} at byte {offsets[position]}")
         body = pos + HEADER.size + 1 + raw[pos + HEADER.size]
-        first, count, _ = _EVENTS_FIXED.unpack_from(raw, body)
-        data_start = body + _EVENTS_FIXED.size + 4 * count
+        first, count, _ = EVENTS_FIXED.unpack_from(raw, body)
+        data_start = body + EVENTS_FIXED.size + 4 * count
         if first > start_event and events:
             break  # a gap: events that were never stored; the next read reports it
         if first == start_event and first + count - 1 <= last_event and end - data_start <= budget:
@@ -857,7 +540,7 @@ def _events_from(
                 break
             start_event = first + count
             continue
-        ends = _ends_view(view[body + _EVENTS_FIXED.size : data_start])
+        ends = ends_view(view[body + EVENTS_FIXED.size : data_start])
         lo, hi, taken = take_events(ends, first, start_event, last_event, budget, events)
         if taken:
             parts.append(view[data_start + lo : data_start + hi])
@@ -918,8 +601,11 @@ def probe_writable(directory: Path) -> None:
             path.unlink()
 
 
-def seal_segment(fd: int, index_path: Path, index: bytes, fsync: bool) -> None:
+def _encode_and_seal(
+    fd: int, index_path: Path, size: int, records: int, runs: list[Run], fsync: bool
+) -> None:
     """Runs in the fsync thread at roll: the segment is trusted only once it is synced."""
+    index = encode_index(size, records, runs)
     if fsync:
         osio.fsync(fd)
     write_index(index_path, index)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.storage.log import DELETE, HEADER
+from proxy.storage.records import DELETE, HEADER
 
 STRACE = shutil.which("strace")
 TRACED = "trace=write,writev,sendto,sendmsg,fsync,fdatasync,unlink,unlinkat,openat,close"

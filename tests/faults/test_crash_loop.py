@@ -12,7 +12,6 @@ import json
 import random
 import time
 from bisect import bisect_left
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import pytest
 
 from proxy.trace import ENV as TRACE_ENV
 
-from ..helpers import ProxyProcess, event_ids, mock_stream_body
+from ..helpers import ProxyProcess, event_ids, mock_stream_body, split_whole_events
 from .figures import CI, SCALES, Scale, record
 
 AUTH = {"Authorization": "Bearer sk-crash-loop"}
@@ -37,18 +36,6 @@ class Stream:
     session_id: str = ""
     seen: bytearray = field(default_factory=bytearray)
     done: bool = False
-
-
-def whole_events(body: bytes) -> list[bytes]:
-    return [event + b"\n\n" for event in body.split(b"\n\n")[:-1]]
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
 
 
 async def follow(http: aiohttp.ClientSession, url: str, stream: Stream) -> None:
@@ -70,8 +57,8 @@ async def verify(http: aiohttp.ClientSession, url: str, stream: Stream) -> tuple
         info = await response.json()
     async with http.get(f"{url}/sessions/{stream.session_id}/events", headers=AUTH) as response:
         replay = await response.read()
-    seen = whole_events(bytes(stream.seen))
-    replayed = whole_events(replay)
+    seen = split_whole_events(bytes(stream.seen))
+    replayed = split_whole_events(replay)
     lost = sum(1 for n, event in enumerate(seen) if n >= len(replayed) or replayed[n] != event)
     assert event_ids(replay) == list(range(1, info["events"] + 1)), stream.session_id
     if stream.short:

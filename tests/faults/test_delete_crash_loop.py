@@ -12,11 +12,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from proxy.storage.disk import DiskStore
 
@@ -27,14 +25,6 @@ from .syscalls import check_unlinks_follow_durable_deletes, read_log_trace, stop
 AUTH = {"Authorization": "Bearer sk-delete-loop"}
 ROUNDS = knob("FAULT_DELETE_ROUNDS", 6)
 RETENTION_ROUNDS = knob("FAULT_RETENTION_ROUNDS", 4)
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
 
 
 async def create(http: aiohttp.ClientSession, url: str, tokens: int) -> tuple[str, bytes]:
@@ -188,8 +178,9 @@ async def test_kill9_inside_retention_passes_leaves_every_session_whole_or_gone(
                 assert status == 200, session_id
                 if session_id in made:  # its client read it to the end before the kill
                     assert whole(body), session_id
-                else:  # still streaming at the kill: every logged event, then the end
-                    assert cut_short(body), session_id
+                else:  # its client had not seen the end at the kill: the proxy may have
+                    # logged the end before dying (whole), or it ends `interrupted`
+                    assert whole(body) or cut_short(body), session_id
                 checked += 1
             check.kill()
     record(

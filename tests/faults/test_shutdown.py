@@ -10,7 +10,6 @@ import json
 import signal
 import socket
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -27,14 +26,6 @@ CASES = {
     "within_grace": ("10s", mock_stream_body(60, 20), b"data: [DONE]\n\n"),
     "past_grace": ("500ms", mock_stream_body(100_000, 10), b'"code":"interrupted"}}\n\n'),
 }
-
-
-@pytest.fixture
-def proxies() -> Iterator[list[ProxyProcess]]:
-    started: list[ProxyProcess] = []
-    yield started
-    for proxy in started:
-        proxy.kill()
 
 
 async def read_all(

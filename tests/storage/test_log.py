@@ -9,23 +9,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.storage.base import SessionInfo, SessionMeta, StorageError
-from proxy.storage.log import (
-    EVENTS,
-    HEADER,
-    OPEN,
-    Log,
-    Pending,
-    SessionLog,
-    decode_index,
-    encode_index,
-    encode_meta,
-    frame_events,
-    frame_open,
-    scan_segment,
-    segment_name,
-    take_events,
-)
+from proxy.storage.base import SessionMeta, StorageError
+from proxy.storage.index import decode_index, encode_index, scan_segment
+from proxy.storage.log import Log, segment_name
+from proxy.storage.records import HEADER, take_events
 
 
 def make_meta(session_id: str) -> SessionMeta:
@@ -46,30 +33,22 @@ class SyncWriter:
 
     def batch(self, items: list[tuple[str, int]]) -> None:
         """Append, in one write, `count` events for each (session_id, count)."""
-        buf = bytearray()
-        pending = []
         for session_id, count in items:
             slog = self.log.sessions.get(session_id)
             if slog is None:
-                slog = SessionLog(session_id, SessionInfo(make_meta(session_id)))
-                self.log.sessions[session_id] = slog
-                meta = encode_meta(make_meta(session_id))
-                start = len(buf)
-                length = frame_open(buf, slog.key, meta)
-                pending.append(Pending(OPEN, slog, start, length, 0, 0, 1, 0, meta))
+                slog = self.log.open_session(make_meta(session_id))
                 self.next_event[session_id] = 1
             first = self.next_event[session_id]
             data = b"".join(event(session_id, first + i) for i in range(count))
             ends = [len(event(session_id, first)) * (i + 1) for i in range(count)]
-            start = len(buf)
-            length = frame_events(buf, slog.key, first, 1000 + first, ends, data)
-            pending.append(Pending(EVENTS, slog, start, length, first, count, 1000, len(data), 0))
+            self.log.append_events(slog, first, data, ends, 1000 + first)
             self.next_event[session_id] = first + count
-        result = self.log.write(buf, pending)
+        result = self.log.write()
         assert result.error is None
+        assert not self.log.buf and not self.log.pending
         for segment in result.sealed:
-            os.close(segment.fd)
-            segment.fd = -1
+            self.log.seal_job(segment, fsync=False)()
+            self.log.sealed(segment)
 
 
 def open_log(directory: Path, segment_bytes: int = 1 << 20, read_only: bool = False) -> Log:
@@ -145,9 +124,10 @@ def test_roll_names_segments_by_first_record_and_recovery_uses_the_index(tmp_pat
     assert bases == sorted(bases)
     for name in names[:-1]:  # a record never spans two segments
         assert (tmp_path / name).stat().st_size <= 400
-    # write the caches a roll would, then recover from them
+    # the seal of each rolled segment wrote its cache; recovery uses them
     for segment in list(log.segments.values())[:-1]:
-        segment.index_path.write_bytes(encode_index(segment.size, segment.records, segment.runs))
+        assert segment.sealed and segment.fd == -1 and not segment.runs
+        assert decode_index(segment.index_path.read_bytes(), segment.base)[0] == segment.size
     log.close()
     reopened = open_log(tmp_path, segment_bytes=400)
     assert events_of(reopened, "session-a") == list(range(1, 25))

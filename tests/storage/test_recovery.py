@@ -17,7 +17,8 @@ import pytest
 from proxy.config import StorageConfig
 from proxy.storage.base import INTERRUPTED, SessionMeta, StorageError
 from proxy.storage.disk import DiskStore
-from proxy.storage.log import HEADER, segment_name
+from proxy.storage.log import segment_name
+from proxy.storage.records import HEADER
 
 SESSION = "session-aaaa"
 OTHER = "session-bbbb"
