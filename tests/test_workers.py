@@ -102,29 +102,31 @@ def test_two_workers_share_the_port_and_a_resume_on_the_other_worker_follows_liv
     pids = worker_pids(workers)
     assert len(pids) == 2
     # Sessions on new connections land on both workers.
-    started = [start_stream(workers, 400, 10)[0] for _ in range(12)]
+    started = [start_stream(workers, 50, 1)[0] for _ in range(12)]
     found = owners(redis, started)
     assert {owner_pid(owner) for owner in found.values()} == set(pids)
 
-    # Follow one live session from new connections until one lands on the other worker.
-    session_id = started[-1]
-    owner = found[session_id]
+    # A long live session, followed from new connections until one lands on the worker that
+    # does not stream it (seen in Redis as that worker's follower blocked in XREAD), then
+    # cancelled through whichever worker takes that request.
+    session_id = start_stream(workers, 3000, 10)[0]
+    owner = owners(redis, [session_id])[session_id]
     other = next(o for o in set(found.values()) if o != owner)
     followed: list[bytes] = []
 
     def follow() -> None:
         url = f"{workers.url}/sessions/{session_id}/events?offset=0"
-        with httpx.stream("GET", url, headers=AUTH, timeout=30) as response:
+        with httpx.stream("GET", url, headers=AUTH, timeout=60) as response:
             assert response.status_code == 200
             followed.append(response.read())
 
     followers: list[threading.Thread] = []
     on_other = False
-    for _ in range(20):
+    for _ in range(30):
         follower = threading.Thread(target=follow)
         follower.start()
         followers.append(follower)
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 0.5
         while time.monotonic() < deadline and not on_other:
             on_other = any(
                 client["name"] == f"rp:{other}:follow" and client["cmd"] == "xread"
@@ -134,12 +136,15 @@ def test_two_workers_share_the_port_and_a_resume_on_the_other_worker_follows_liv
         if on_other:
             break
     assert on_other, "no follower ever landed on the worker that does not stream the session"
+    cancelled = httpx.post(f"{workers.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
+    assert cancelled.json()["state"] == "cancelled"
     for follower in followers:
         follower.join(30)
     assert len(followed) == len(followers)
     whole = followed[0].replace(b": keepalive\n", b"")
     ids = event_ids(whole)
-    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 400
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 10
+    assert whole.endswith(b'"code":"cancelled"}}\n\n')
     for body in followed:
         assert body.replace(b": keepalive\n", b"") == whole  # same bytes on either worker
     redis.close()

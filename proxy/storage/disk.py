@@ -212,6 +212,12 @@ class DiskStore:
 
     # the write side: never blocks, frames into the buffer
 
+    async def claim(self, meta: SessionMeta) -> None:
+        """One process owns the data dir (the lock), so the index here is the whole truth and
+        `create` right after (no await between) cannot be raced."""
+        if meta.session_id in self._log.sessions:
+            raise SessionExists(f"session {meta.session_id} already exists")
+
     def create(self, meta: SessionMeta) -> SessionInfo:
         session_id = meta.session_id
         if session_id in self._log.sessions:

@@ -99,13 +99,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.retry import Retry
 
 from ..config import StorageConfig
-from ..errors import SessionConflict, SessionNotFound
 from .base import (
     FAILED,
     STREAMING,
     Follower,
+    SessionExists,
     SessionInfo,
     SessionMeta,
+    SessionMissing,
     StopHandler,
     StorageError,
     check_alias,
@@ -635,10 +636,10 @@ class RedisStore:
 
     async def claim(self, meta: SessionMeta) -> None:
         """Make a client-chosen id this process's at once, atomically in Redis: of two
-        processes creating one id, the second gets SessionConflict (409)."""
+        processes creating one id, the second gets SessionExists (a 409)."""
         session_id = meta.session_id
         if session_id in self._live:
-            raise SessionConflict(f"session {session_id} already exists")
+            raise SessionExists(f"session {session_id} already exists")
         created = await self._call(
             lambda client: client.eval(
                 _CREATE,
@@ -651,12 +652,12 @@ class RedisStore:
             )
         )
         if not created:
-            raise SessionConflict(f"session {session_id} was created by another request")
+            raise SessionExists(f"session {session_id} was created by another request")
 
     def create(self, meta: SessionMeta) -> SessionInfo:
         session_id = meta.session_id
         if session_id in self._live:
-            raise SessionConflict(f"session {session_id} already exists")
+            raise SessionExists(f"session {session_id} already exists")
         info = SessionInfo(meta=meta, updated_ns=meta.created_ns)
         live = self._live[session_id] = _Live(info)
         self._followed.pop(session_id, None)
@@ -930,7 +931,7 @@ class RedisStore:
             live.alias = live.info.alias = alias
             expiry = self._live_expiry_ms
         elif await self.get(session_id) is None:
-            raise SessionNotFound(f"session {session_id} not found")
+            raise SessionMissing(f"session {session_id} not found")
         else:
             expiry = self._ttl_ms  # it ended already; its keys have their final expiry
         meta_key = _meta_key(session_id)

@@ -13,14 +13,15 @@ import pytest
 from redis.asyncio import Redis
 
 from proxy.config import RetentionConfig, StorageConfig
-from proxy.errors import SessionConflict, SessionNotFound
 from proxy.storage.base import (
     CANCELLED,
     COMPLETE,
     FAILED,
     INTERRUPTED,
     STREAMING,
+    SessionExists,
     SessionMeta,
+    SessionMissing,
     StorageError,
 )
 from proxy.storage.redis import RedisStore, take_events
@@ -261,7 +262,7 @@ async def test_arrivals_give_one_entry_per_batch(store: RedisStore, other: Redis
 
 async def test_an_existing_id_is_a_conflict(store: RedisStore) -> None:
     store.create(meta())
-    with pytest.raises(SessionConflict):
+    with pytest.raises(SessionExists):
         store.create(meta())
 
 
@@ -442,7 +443,7 @@ async def test_an_alias_resolves_on_every_replica_and_expires_with_its_session(
         await store.delete("session-0002")
         assert await other.resolve_alias("resp_abc") is None  # a stale key names nothing
         assert await other.resolve_alias("resp_never") is None
-        with pytest.raises(SessionNotFound):
+        with pytest.raises(SessionMissing):
             await other.add_alias("session-0002", "resp_late")
         with pytest.raises(ValueError):
             await store.add_alias("session-0001", "two words")
