@@ -28,7 +28,7 @@ from proxy.config import Config, load_config
 from proxy.server import ProxySite
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT / "tests" / "fixtures" / "sse"  # a copy of ../shared/fixtures/sse
+FIXTURES = ROOT / "tests" / "fixtures" / "sse"  # kept in the repo: the shared fixtures, copied
 
 
 def free_port() -> int:

@@ -53,6 +53,8 @@ def backend(request: pytest.FixtureRequest) -> dict[str, str]:
     if request.param == "disk":
         return {}
     if not redis_available():
+        if os.environ.get("CI"):
+            pytest.fail("CI must install redis-server (see .ci/run)")
         pytest.skip("redis-server is not installed")
     server: RedisServer = request.getfixturevalue("redis_server")
     server.flushall()
