@@ -56,8 +56,8 @@ class Origin:
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"not an http(s) URL: {url}")
         tls = ssl.create_default_context() if parsed.scheme == "https" else None
-        port = parsed.port or (443 if tls else 80)
         default = 443 if tls else 80
+        port = parsed.port or default
         host_header = parsed.raw_host or parsed.host
         if ":" in host_header and not host_header.startswith("["):
             host_header = f"[{host_header}]"
@@ -117,9 +117,6 @@ class UpstreamConnection(asyncio.Protocol):
                 self._hold(pieces)
         if self._complete:
             self._ended()
-
-    def eof_received(self) -> bool | None:
-        return None  # let the transport close; connection_lost settles the ending
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._complete:
