@@ -134,6 +134,8 @@ def sessions() -> None:
     """Read a data dir offline (safe while a proxy runs on it)."""
 
 
+# Ids may begin with "-" (base64url), so an id must never be taken for an unknown option.
+_takes_session_id = {"ignore_unknown_options": True}
 _data_dir_option = click.option("--data-dir", default=None, help="Data dir (default ./data).")
 _config_option = click.option("--config", "config_path", default=None, help="YAML config file.")
 
@@ -153,7 +155,7 @@ def sessions_ls(data_dir: str | None, config_path: str | None) -> None:
     _run_offline(list_sessions, _offline_dir(config_path, data_dir))
 
 
-@sessions.command("show")
+@sessions.command("show", context_settings=_takes_session_id)
 @click.argument("session_id")
 @_data_dir_option
 @_config_option
@@ -164,7 +166,7 @@ def sessions_show(session_id: str, data_dir: str | None, config_path: str | None
     _run_offline(show_session, _offline_dir(config_path, data_dir), session_id)
 
 
-@sessions.command("cat")
+@sessions.command("cat", context_settings=_takes_session_id)
 @click.argument("session_id")
 @click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
 @_data_dir_option

@@ -135,6 +135,30 @@ def test_offline_cli_reads_a_data_dir_while_the_proxy_writes_it(
     assert cat.stdout.endswith(b"data: [DONE]\n\n")
 
 
+def test_offline_cli_takes_ids_that_begin_with_a_dash(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
+    """One generated id in 64 begins with "-": it is an id, never an unknown option."""
+    data_dir = tmp_path / "data"
+    proxy = start(proxies, data_dir)
+    session_id = "-gvJ_MaUa22HgxMilvoZ_Q"
+    with httpx.Client(timeout=20) as http:
+        made = http.post(
+            proxy.url + "/v1/chat/completions",
+            json=mock_stream_body(3, 0),
+            headers={**AUTH, "X-Resume-Session-Id": session_id},
+        )
+    assert made.headers["X-Resume-Session-Id"] == session_id
+    shown = run_cli("show", session_id, "--data-dir", str(data_dir))
+    cat = run_cli("cat", "--data-dir", str(data_dir), session_id, "--offset", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert b"state:            complete" in shown.stdout
+    assert cat.returncode == 0, cat.stderr
+    ids = event_ids(cat.stdout)
+    assert ids == list(range(2, ids[-1] + 1)) and len(ids) >= 3
+    assert cat.stdout.endswith(b"data: [DONE]\n\n")
+
+
 def test_offline_cli_errors_are_one_line(tmp_path: Path) -> None:
     not_data = tmp_path / "elsewhere"
     not_data.mkdir()
