@@ -18,11 +18,12 @@ import re
 import struct
 import time
 import zlib
-from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from functools import partial
+from itertools import repeat
+from operator import sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -40,6 +41,7 @@ from proxy.storage.index import (
 )
 from proxy.storage.records import (
     ALIAS,
+    CRC,
     DELETE,
     END,
     EVENTS,
@@ -392,7 +394,13 @@ class Log:
     def read_events(
         self, slog: SessionLog, start_event: int, last_event: int, max_bytes: int
     ) -> tuple[bytes, int]:
-        """Whole events from `start_event` (<= `last_event`) out of one segment, one pread."""
+        """Whole events from `start_event` (<= `last_event`) out of one segment, one pread.
+
+        Which records to read is decided from the index alone (bisects and sums, no loop per
+        record): those starting within `max_bytes` of the first, and further when their
+        events hold less than half of that (small events, or a session whose records are
+        interleaved with many others'), up to 4 x `max_bytes` + 64 KiB of file.
+        """
         which = bisect_right(slog.event_starts, start_event) - 1
         run = slog.event_runs[which] if which >= 0 else None
         batch = bisect_right(run.first_events, start_event) - 1 if run is not None else -1
@@ -402,16 +410,17 @@ class Log:
                 "(it was not stored)"
             )
         offsets, lengths = run.offsets, run.lengths
+        head = HEADER.size + len(slog.key) + EVENTS_FIXED.size
         origin = offsets[batch]
-        stop = batch + 1
         limit = bisect_right(run.first_events, last_event)
-        wanted = lengths[batch]
-        while stop < limit and wanted < max_bytes:
-            span = offsets[stop] + lengths[stop] - origin
-            if span > 4 * max_bytes + 65536:
-                break
-            wanted += lengths[stop]
-            stop += 1
+        stop = bisect_right(offsets, origin + max_bytes, batch + 1, limit)
+        if stop < limit:
+            events = _event_bytes(run, batch, stop, head)
+            if 2 * events < max_bytes:
+                reach = (offsets[stop] - origin) * max_bytes // max(events, 1)
+                stop = bisect_right(
+                    offsets, origin + min(reach, 4 * max_bytes + 65536), stop, limit
+                )
         span = offsets[stop - 1] + lengths[stop - 1] - origin
         segment = self.segments[run.segment]
         try:
@@ -421,16 +430,7 @@ class Log:
         if len(raw) != span:
             raise StorageError(f"{segment.path} is shorter than its index says")
         return _events_from(
-            raw,
-            origin,
-            offsets,
-            lengths,
-            batch,
-            stop,
-            segment.path,
-            start_event,
-            last_event,
-            max_bytes,
+            raw, origin, run, batch, stop, head, segment.path, start_event, last_event, max_bytes
         )
 
     def _read_fd(self, segment: Segment) -> int:
@@ -503,54 +503,132 @@ class Log:
 def _events_from(
     raw: bytes,
     origin: int,
-    offsets: array[int],
-    lengths: array[int],
+    run: Run,
     batch: int,
     stop: int,
+    head: int,
     path: Path,
     start_event: int,
     last_event: int,
     max_bytes: int,
 ) -> tuple[bytes, int]:
-    """Check each record's checksum and cut whole events out of `raw` (records batch..stop)."""
+    """Check each record's checksum and cut whole events out of `raw` (records batch..stop,
+    read from `origin`).
+
+    A replay spends its time here, so the records taken whole (all but perhaps the first and
+    the last of a read) are chosen from the index first (`_whole_until`: no gap, none past
+    `last_event`, within the budget), then go through a loop that does per record only what
+    cannot be done for all at once: check the checksum and slice out the events, whose start
+    is known from the index (header, id, fixed fields, 4 bytes per event). The checksum
+    covers the header, so a record whose length or type is not the index's fails it. A
+    record cut by `start_event`, `last_event` or the budget is read through its own event
+    ends (`_part_of`).
+    """
     view = memoryview(raw)
-    parts = []
-    events = 0
+    parts: list[bytes] = []
     budget = max_bytes
-    for position in range(batch, stop):
-        pos = offsets[position] - origin
-        crc, length, rtype = HEADER.unpack_from(raw, pos)
-        end = pos + HEADER.size + length
-        if (
-            rtype != EVENTS
-            or end - pos != lengths[position]
-            or zlib.crc32(view[pos + 4 : end]) != crc
+    next_event = start_event
+    position = batch
+    first_events, counts, lengths = run.first_events, run.counts, run.lengths
+    if first_events[batch] < start_event:  # a resume inside a batch: its first events go
+        next_event, budget = _part_of(
+            raw, view, origin, run, batch, head, path, parts, next_event, last_event, budget
+        )
+        if next_event <= min(first_events[batch] + counts[batch] - 1, last_event):
+            return b"".join(parts), next_event - start_event
+        position += 1
+    whole = _whole_until(run, position, stop, next_event, last_event, budget, head)
+    if whole > position:
+        stored = CRC.unpack_from
+        crc32 = zlib.crc32
+        append = parts.append
+        for pos, length, count in zip(
+            map(sub, run.offsets[position:whole], repeat(origin)),
+            lengths[position:whole],
+            counts[position:whole],
+            strict=True,
         ):
-            raise StorageError(f"corrupt record in {path} at byte {offsets[position]}")
-        body = pos + HEADER.size + 1 + raw[pos + HEADER.size]
-        first, count, _ = EVENTS_FIXED.unpack_from(raw, body)
-        data_start = body + EVENTS_FIXED.size + 4 * count
-        if first > start_event and events:
-            break  # a gap: events that were never stored; the next read reports it
-        if first == start_event and first + count - 1 <= last_event and end - data_start <= budget:
-            parts.append(view[data_start:end])  # the common case: the whole batch
-            events += count
-            budget -= end - data_start
-            if first + count - 1 == last_event:
-                break
-            start_event = first + count
-            continue
-        ends = ends_view(view[body + EVENTS_FIXED.size : data_start])
-        lo, hi, taken = take_events(ends, first, start_event, last_event, budget, events)
-        if taken:
-            parts.append(view[data_start + lo : data_start + hi])
-            events += taken
-            budget -= hi - lo
-        available = min(first + count - 1, last_event) - max(start_event, first) + 1
-        if taken < available or first + count - 1 >= last_event:
-            break
-        start_event = first + count
-    return b"".join(parts), events
+            end = pos + length
+            if crc32(view[pos + 4 : end]) != stored(raw, pos)[0]:
+                raise StorageError(f"corrupt record in {path} at byte {origin + pos}")
+            append(raw[pos + head + 4 * count : end])
+        next_event = first_events[whole - 1] + counts[whole - 1]
+        budget -= _event_bytes(run, position, whole, head)
+    if whole < stop and first_events[whole] == next_event and next_event <= last_event:
+        next_event, budget = _part_of(
+            raw, view, origin, run, whole, head, path, parts, next_event, last_event, budget
+        )
+    return b"".join(parts), next_event - start_event
+
+
+def _event_bytes(run: Run, position: int, stop: int, head: int) -> int:
+    """The events' bytes in records position..stop of a run, from the index alone."""
+    count = run.counts[position:stop]
+    return sum(run.lengths[position:stop]) - (stop - position) * head - 4 * sum(count)
+
+
+def _whole_until(
+    run: Run, position: int, stop: int, next_event: int, last_event: int, budget: int, head: int
+) -> int:
+    """The end of the records from `position` that a read takes whole: the first is event
+    `next_event`, no gap follows (events that were never stored), none goes past
+    `last_event`, and their events fit in `budget`.
+
+    Decided with sums over the index's columns (C loops); whether records position..j all
+    qualify only gets truer as j shrinks, so when `stop` is too far a bisection finds j.
+    """
+    first_events, counts = run.first_events, run.counts
+
+    def whole(j: int) -> bool:
+        last = first_events[j - 1] + counts[j - 1] - 1
+        return (
+            first_events[position] == next_event
+            and last <= last_event
+            and last - next_event + 1 == sum(counts[position:j])
+            and _event_bytes(run, position, j, head) <= budget
+        )
+
+    if stop == position or whole(stop):
+        return stop
+    low, high = position, stop - 1  # whole(low) holds (no records), whole(stop) does not
+    while low < high:
+        middle = (low + high + 1) // 2
+        if whole(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _part_of(
+    raw: bytes,
+    view: memoryview,
+    origin: int,
+    run: Run,
+    position: int,
+    head: int,
+    path: Path,
+    parts: list[bytes],
+    start_event: int,
+    last_event: int,
+    budget: int,
+) -> tuple[int, int]:
+    """The events of one record from `start_event` on that fit the budget (at least one if
+    `parts` is empty), checked and added to `parts`; returns (next event, budget left)."""
+    pos = run.offsets[position] - origin
+    length = run.lengths[position]
+    crc, size, rtype = HEADER.unpack_from(raw, pos)
+    end = pos + length
+    if rtype != EVENTS or size + HEADER.size != length or zlib.crc32(view[pos + 4 : end]) != crc:
+        raise StorageError(f"corrupt record in {path} at byte {origin + pos}")
+    ends_start = pos + head
+    data_start = ends_start + 4 * run.counts[position]
+    ends = ends_view(view[ends_start:data_start])
+    first = run.first_events[position]
+    lo, hi, taken = take_events(ends, first, start_event, last_event, budget, len(parts))
+    if taken:
+        parts.append(raw[data_start + lo : data_start + hi])
+    return start_event + taken, budget - (hi - lo)
 
 
 def write_index(path: Path, index: bytes) -> None:

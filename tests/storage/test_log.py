@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import random
+from collections.abc import Callable
+from itertools import accumulate
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,7 @@ from hypothesis import strategies as st
 from proxy.storage.base import SessionMeta, StorageError
 from proxy.storage.index import decode_index, encode_index, scan_segment
 from proxy.storage.log import Log, segment_name
-from proxy.storage.records import HEADER, take_events
+from proxy.storage.records import EVENTS_FIXED, HEADER, take_events
 
 
 def make_meta(session_id: str) -> SessionMeta:
@@ -25,11 +28,17 @@ def event(session_id: str, number: int, size: int = 24) -> bytes:
 
 
 class SyncWriter:
-    """Writes through `Log.write` the way DiskStore does, minus the event loop."""
+    """Writes through `Log.write` the way DiskStore does, minus the event loop.
 
-    def __init__(self, log: Log) -> None:
+    `size(n)` is the size of event n (24 bytes when not given); `logged` keeps every
+    session's events, to compare reads with.
+    """
+
+    def __init__(self, log: Log, size: Callable[[int], int] | None = None) -> None:
         self.log = log
+        self.size = size
         self.next_event: dict[str, int] = {}
+        self.logged: dict[str, list[bytes]] = {}
 
     def batch(self, items: list[tuple[str, int]]) -> None:
         """Append, in one write, `count` events for each (session_id, count)."""
@@ -38,10 +47,13 @@ class SyncWriter:
             if slog is None:
                 slog = self.log.open_session(make_meta(session_id))
                 self.next_event[session_id] = 1
+                self.logged[session_id] = []
             first = self.next_event[session_id]
-            data = b"".join(event(session_id, first + i) for i in range(count))
-            ends = [len(event(session_id, first)) * (i + 1) for i in range(count)]
-            self.log.append_events(slog, first, data, ends, 1000 + first)
+            sizes = self.size or (lambda number: 24)
+            batch = [event(session_id, first + i, sizes(first + i)) for i in range(count)]
+            ends = list(accumulate(len(one) for one in batch))
+            self.log.append_events(slog, first, b"".join(batch), ends, 1000 + first)
+            self.logged[session_id] += batch
             self.next_event[session_id] = first + count
         result = self.log.write()
         assert result.error is None
@@ -189,3 +201,218 @@ def test_any_prefix_of_a_log_recovers_a_prefix_of_each_session(
     recovered.close()
     again = scan_segment(path, 0, 1 << 24)
     assert again.problem is None  # the torn tail is gone for good
+
+
+# --- reads: what a replay gets is exactly the logged bytes ------------------------------
+
+# (name, events per record, segment size): one event per record (a paced LLM stream) and
+# many, in one open segment and across segment rolls (sealed segments plus the open one).
+READ_SHAPES = [
+    ("one event per record, one segment", lambda rng: 1, 1 << 20),
+    ("one event per record, rolled segments", lambda rng: 1, 4096),
+    ("batched records, one segment", lambda rng: rng.randint(2, 7), 1 << 20),
+    ("batched records, rolled segments", lambda rng: rng.randint(2, 7), 4096),
+    ("mixed records, rolled segments", lambda rng: rng.choice((1, 1, 3, 9)), 4096),
+]
+
+
+def write_sessions(
+    directory: Path, per_record: Callable[[random.Random], int], segment_bytes: int
+) -> tuple[Log, dict[str, list[bytes]]]:
+    """Three sessions interleaved in the log, events of 20-300 bytes; ended open."""
+    rng = random.Random(segment_bytes ^ per_record(random.Random(1)))
+    log = open_log(directory, segment_bytes=segment_bytes)
+    writer = SyncWriter(log, size=lambda number: rng.randint(20, 300))
+    sessions = ["read-aaaa", "read-bbbbbbbb", "read-c"]
+    for _ in range(40):
+        writer.batch([(rng.choice(sessions), per_record(rng)) for _ in range(rng.randint(1, 3))])
+    return log, writer.logged
+
+
+def budgets_at_boundaries(events: list[bytes], start: int) -> list[int]:
+    """Budgets just under, at and over the end of each of the next events from `start`."""
+    budgets = {1, 1 << 20}
+    for end in accumulate(len(one) for one in events[start - 1 : start + 9]):
+        budgets.update((end - 1, end, end + 1))
+    return sorted(budgets)
+
+
+def check_read(
+    log: Log, session_id: str, events: list[bytes], start: int, last: int, budget: int
+) -> int:
+    data, count = log.read_events(log.sessions[session_id], start, last, budget)
+    assert count >= 1
+    assert start + count - 1 <= last
+    assert data == b"".join(events[start - 1 : start - 1 + count])
+    assert count == 1 or len(data) <= budget
+    return count
+
+
+@pytest.mark.parametrize(
+    ("per_record", "segment_bytes"),
+    [shape[1:] for shape in READ_SHAPES],
+    ids=[shape[0] for shape in READ_SHAPES],
+)
+@pytest.mark.parametrize("reopened", [False, True], ids=["as written", "recovered"])
+def test_a_read_from_any_event_with_any_budget_is_exactly_the_logged_events(
+    tmp_path: Path,
+    per_record: Callable[[random.Random], int],
+    segment_bytes: int,
+    reopened: bool,
+) -> None:
+    """Every start event, budgets at each event boundary (and one byte either side), the
+    readable end at the last event and before it: the bytes are the logged events exactly,
+    at least one, within the budget unless a single event is bigger."""
+    log, logged = write_sessions(tmp_path, per_record, segment_bytes)
+    if segment_bytes < 1 << 20:
+        assert len(log.segments) > 3
+    if reopened:
+        log.close()
+        for index in list(tmp_path.glob("*.idx"))[::2]:
+            index.unlink()  # half the sealed segments scanned, half from their index
+        log = open_log(tmp_path, segment_bytes=segment_bytes)
+    for session_id, events in logged.items():
+        total = len(events)
+        for start in range(1, total + 1):
+            for last in sorted({total, min(total, start + 2)}):
+                for budget in budgets_at_boundaries(events, start):
+                    check_read(log, session_id, events, start, last, budget)
+    log.close()
+
+
+@pytest.mark.parametrize(
+    ("per_record", "segment_bytes"),
+    [shape[1:] for shape in READ_SHAPES],
+    ids=[shape[0] for shape in READ_SHAPES],
+)
+@pytest.mark.parametrize("budget", [1, 200, 1000, 16 * 1024, 1 << 20])
+def test_reads_one_after_another_replay_each_session_whole(
+    tmp_path: Path,
+    per_record: Callable[[random.Random], int],
+    segment_bytes: int,
+    budget: int,
+) -> None:
+    log, logged = write_sessions(tmp_path, per_record, segment_bytes)
+    for start_offset in (0, 1, 5):
+        for session_id, events in logged.items():
+            position = start_offset + 1
+            while position <= len(events):
+                position += check_read(log, session_id, events, position, len(events), budget)
+    log.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 400), min_size=1, max_size=30),
+    cuts=st.lists(st.integers(1, 6), min_size=1, max_size=30),
+    start=st.integers(1, 30),
+    budget=st.integers(1, 3000),
+)
+def test_any_batching_of_events_reads_back_byte_for_byte(
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    cuts: list[int],
+    start: int,
+    budget: int,
+) -> None:
+    """Events of any sizes, cut into records of any counts: a replay from any event with any
+    budget, read after read, is the logged bytes from that event on."""
+    directory = tmp_path_factory.mktemp("reads")
+    log = open_log(directory, segment_bytes=4096)
+    writer = SyncWriter(log, size=lambda number: max(sizes[(number - 1) % len(sizes)], 16))
+    for count in cuts:
+        writer.batch([("prop-session", count), ("prop-other", 1)])
+    events = writer.logged["prop-session"]
+    position = min(start, len(events))
+    replayed = []
+    while position <= len(events):
+        data, count = log.read_events(log.sessions["prop-session"], position, len(events), budget)
+        assert count >= 1 and (count == 1 or len(data) <= budget)
+        replayed.append(data)
+        position += count
+    assert b"".join(replayed) == b"".join(events[min(start, len(events)) - 1 :])
+    log.close()
+
+
+@pytest.mark.parametrize("event_bytes", [24, 200, 2000])
+def test_a_read_of_a_session_alone_in_its_segment_fills_most_of_its_budget(
+    tmp_path: Path, event_bytes: int
+) -> None:
+    """Replay speed comes from few, large reads: with one event per record (the record
+    headers then weigh most for small events) a read that is not at the end of the
+    session returns at least half of its budget."""
+    log = open_log(tmp_path, segment_bytes=32 << 20)
+    writer = SyncWriter(log, size=lambda number: event_bytes)
+    for _ in range(3000):
+        writer.batch([("dense-session", 1)])
+    events = writer.logged["dense-session"]
+    budget = 64 * 1024
+    position = 1
+    while position <= len(events):
+        data, count = log.read_events(log.sessions["dense-session"], position, len(events), budget)
+        position += count
+        if position <= len(events):
+            assert len(data) >= budget // 2
+    log.close()
+
+
+# Where in a record a byte is flipped: every part of the header and the payload.
+CORRUPT_AT = {
+    "crc": 0,
+    "length": 4,
+    "type": 8,
+    "session id length": HEADER.size,
+    "session id": HEADER.size + 3,
+    "first event": HEADER.size + 1 + 9 + 2,
+    "event count": HEADER.size + 1 + 9 + 8,
+    "event ends": HEADER.size + 1 + 9 + EVENTS_FIXED.size,
+    "event bytes": -5,
+}
+
+
+@pytest.mark.parametrize("where", list(CORRUPT_AT), ids=list(CORRUPT_AT))
+@pytest.mark.parametrize(
+    ("record", "start", "budget"),
+    [(0, 1, 1 << 20), (3, 1, 1 << 20), (3, 11, 1 << 20), (3, 1, 24 * 10)],
+    ids=["first record", "a record read whole", "a record read from inside", "a record cut"],
+)
+def test_a_damaged_record_is_a_storage_error_wherever_the_damage_and_the_read(
+    tmp_path: Path, where: str, record: int, start: int, budget: int
+) -> None:
+    log = open_log(tmp_path)
+    writer = SyncWriter(log)
+    for _ in range(6):
+        writer.batch([("damaged-1", 3)])  # session id of 9 bytes: the offsets above
+    slog = log.sessions["damaged-1"]
+    run = slog.event_runs[0]
+    offset = run.offsets[record] + CORRUPT_AT[where] % run.lengths[record]
+    with open(tmp_path / segment_name(0), "r+b") as file:
+        file.seek(offset)
+        byte = file.read(1)[0]
+        file.seek(offset)
+        file.write(bytes([byte ^ 0x10]))
+    with pytest.raises(StorageError, match="corrupt record"):
+        position = start
+        while position <= 18:
+            position += log.read_events(slog, position, 18, budget)[1]
+    log.close()
+
+
+def test_a_read_stops_at_a_gap_of_events_that_were_never_stored(tmp_path: Path) -> None:
+    """A batch the disk refused leaves a hole in the session's numbering: reads return the
+    events before it, report the hole itself, and go on after it."""
+    log = open_log(tmp_path)
+    writer = SyncWriter(log)
+    writer.batch([("gapped-session", 1)])
+    writer.batch([("gapped-session", 2)])
+    writer.next_event["gapped-session"] += 2  # events 4 and 5 never reached the log
+    writer.batch([("gapped-session", 1)])
+    writer.batch([("gapped-session", 3)])
+    slog = log.sessions["gapped-session"]
+    logged = writer.logged["gapped-session"]
+    assert log.read_events(slog, 1, 9, 1 << 20) == (b"".join(logged[:3]), 3)
+    assert log.read_events(slog, 2, 9, 1 << 20) == (b"".join(logged[1:3]), 2)
+    with pytest.raises(StorageError, match="event 4 is not in the log"):
+        log.read_events(slog, 4, 9, 1 << 20)
+    assert log.read_events(slog, 6, 9, 1 << 20) == (b"".join(logged[3:]), 4)
+    log.close()
