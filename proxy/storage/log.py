@@ -18,6 +18,7 @@ import re
 import struct
 import time
 import zlib
+from array import array
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -396,10 +397,10 @@ class Log:
     ) -> tuple[bytes, int]:
         """Whole events from `start_event` (<= `last_event`) out of one segment, one pread.
 
-        Which records to read is decided from the index alone (bisects and sums, no loop per
-        record): those starting within `max_bytes` of the first, and further when their
-        events hold less than half of that (small events, or a session whose records are
-        interleaved with many others'), up to 4 x `max_bytes` + 64 KiB of file.
+        Which records to read is decided from the index alone, in bisects over its running
+        totals (no loop per record): those whose events fit in `max_bytes`, and the next
+        one (its first events may), within 4 x `max_bytes` + 64 KiB of file (the records
+        of a session interleaved with many others' are far apart).
         """
         which = bisect_right(slog.event_starts, start_event) - 1
         run = slog.event_runs[which] if which >= 0 else None
@@ -411,16 +412,16 @@ class Log:
             )
         offsets, lengths = run.offsets, run.lengths
         head = HEADER.size + len(slog.key) + EVENTS_FIXED.size
+        totals = run.running_totals()
         origin = offsets[batch]
         limit = bisect_right(run.first_events, last_event)
-        stop = bisect_right(offsets, origin + max_bytes, batch + 1, limit)
-        if stop < limit:
-            events = _event_bytes(run, batch, stop, head)
-            if 2 * events < max_bytes:
-                reach = (offsets[stop] - origin) * max_bytes // max(events, 1)
-                stop = bisect_right(
-                    offsets, origin + min(reach, 4 * max_bytes + 65536), stop, limit
-                )
+        fit = bisect_right(
+            range(batch + 1, limit + 1),
+            max_bytes,
+            key=lambda end: _event_bytes(totals, batch, end, head),
+        )
+        near = bisect_right(offsets, origin + 4 * max_bytes + 65536, batch + 1, limit)
+        stop = min(batch + 1 + fit, limit, near)
         span = offsets[stop - 1] + lengths[stop - 1] - origin
         segment = self.segments[run.segment]
         try:
@@ -430,7 +431,17 @@ class Log:
         if len(raw) != span:
             raise StorageError(f"{segment.path} is shorter than its index says")
         return _events_from(
-            raw, origin, run, batch, stop, head, segment.path, start_event, last_event, max_bytes
+            raw,
+            origin,
+            run,
+            totals,
+            batch,
+            stop,
+            head,
+            segment.path,
+            start_event,
+            last_event,
+            max_bytes,
         )
 
     def _read_fd(self, segment: Segment) -> int:
@@ -504,6 +515,7 @@ def _events_from(
     raw: bytes,
     origin: int,
     run: Run,
+    totals: tuple[array[int], array[int]],
     batch: int,
     stop: int,
     head: int,
@@ -537,7 +549,7 @@ def _events_from(
         if next_event <= min(first_events[batch] + counts[batch] - 1, last_event):
             return b"".join(parts), next_event - start_event
         position += 1
-    whole = _whole_until(run, position, stop, next_event, last_event, budget, head)
+    whole = _whole_until(run, totals, position, stop, next_event, last_event, budget, head)
     if whole > position:
         stored = CRC.unpack_from
         crc32 = zlib.crc32
@@ -553,7 +565,7 @@ def _events_from(
                 raise StorageError(f"corrupt record in {path} at byte {origin + pos}")
             append(raw[pos + head + 4 * count : end])
         next_event = first_events[whole - 1] + counts[whole - 1]
-        budget -= _event_bytes(run, position, whole, head)
+        budget -= _event_bytes(totals, position, whole, head)
     if whole < stop and first_events[whole] == next_event and next_event <= last_event:
         next_event, budget = _part_of(
             raw, view, origin, run, whole, head, path, parts, next_event, last_event, budget
@@ -561,43 +573,46 @@ def _events_from(
     return b"".join(parts), next_event - start_event
 
 
-def _event_bytes(run: Run, position: int, stop: int, head: int) -> int:
-    """The events' bytes in records position..stop of a run, from the index alone."""
-    count = run.counts[position:stop]
-    return sum(run.lengths[position:stop]) - (stop - position) * head - 4 * sum(count)
+def _event_bytes(totals: tuple[array[int], array[int]], position: int, stop: int, head: int) -> int:
+    """The events' bytes in records position..stop of a run: their length less their
+    framing (header, id, fixed fields, 4 bytes per event), from the run's running totals."""
+    lengths, counts = totals
+    framing = (stop - position) * head + 4 * (counts[stop] - counts[position])
+    return lengths[stop] - lengths[position] - framing
 
 
 def _whole_until(
-    run: Run, position: int, stop: int, next_event: int, last_event: int, budget: int, head: int
+    run: Run,
+    totals: tuple[array[int], array[int]],
+    position: int,
+    stop: int,
+    next_event: int,
+    last_event: int,
+    budget: int,
+    head: int,
 ) -> int:
     """The end of the records from `position` that a read takes whole: the first is event
     `next_event`, no gap follows (events that were never stored), none goes past
     `last_event`, and their events fit in `budget`.
 
-    Decided with sums over the index's columns (C loops); whether records position..j all
-    qualify only gets truer as j shrinks, so when `stop` is too far a bisection finds j.
+    Each test is a few lookups in the index; whether records position..j all qualify only
+    gets truer as j shrinks, so when `stop` is too far a bisection finds j.
     """
     first_events, counts = run.first_events, run.counts
+    count_totals = totals[1]
 
-    def whole(j: int) -> bool:
-        last = first_events[j - 1] + counts[j - 1] - 1
+    def whole(end: int) -> bool:
+        last = first_events[end - 1] + counts[end - 1] - 1
         return (
             first_events[position] == next_event
             and last <= last_event
-            and last - next_event + 1 == sum(counts[position:j])
-            and _event_bytes(run, position, j, head) <= budget
+            and last - next_event + 1 == count_totals[end] - count_totals[position]
+            and _event_bytes(totals, position, end, head) <= budget
         )
 
     if stop == position or whole(stop):
         return stop
-    low, high = position, stop - 1  # whole(low) holds (no records), whole(stop) does not
-    while low < high:
-        middle = (low + high + 1) // 2
-        if whole(middle):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    return bisect_right(range(position + 1, stop), False, key=lambda end: not whole(end)) + position
 
 
 def _part_of(
