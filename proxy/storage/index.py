@@ -17,7 +17,8 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, repeat
+from operator import add, mul, sub
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -27,6 +28,8 @@ from proxy.storage.records import (
     CRC,
     END,
     EVENTS,
+    EVENTS_FIXED,
+    HEADER,
     LITTLE_ENDIAN,
     OPEN,
     decode_meta,
@@ -69,18 +72,25 @@ class Run:
         return (self.first_events, self.counts, self.offsets, self.lengths, self.arrivals)
 
     def running_totals(self) -> tuple[array[int], array[int]]:
-        """Running totals of the record lengths and of the event counts (slot i: the records
-        before record i), so a read sizes any records i..j in two subtractions instead of a
-        sum per read. Built at the run's first read (a replay) and extended as it grows; a
-        run never read costs nothing."""
+        """Running totals of the events' bytes and of the event counts (slot i: the records
+        before record i), so a read sizes any records i..j with two subtractions and picks
+        the records that fit a budget with one bisect. Built at the run's first read (a
+        replay) and extended as it grows; a run never read costs nothing."""
         totals = self.totals
         if totals is None:
             totals = self.totals = (array("q", (0,)), array("q", (0,)))
-        lengths, counts = totals
-        done = len(lengths) - 1
-        if done < len(self.lengths):
-            lengths.extend(accumulate(self.lengths[done:], initial=lengths.pop()))
-            counts.extend(accumulate(self.counts[done:], initial=counts.pop()))
+        event_bytes, counts = totals
+        done = len(counts) - 1
+        if done < len(self.counts):
+            # An EVENTS record is its framing (header, id, fixed fields, 4 bytes per event),
+            # then its events.
+            framing = HEADER.size + 1 + len(self.session_id) + EVENTS_FIXED.size
+            added = self.counts[done:]
+            sizes = map(
+                sub, self.lengths[done:], map(add, map(mul, added, repeat(4)), repeat(framing))
+            )
+            event_bytes.extend(accumulate(sizes, initial=event_bytes.pop()))
+            counts.extend(accumulate(added, initial=counts.pop()))
         return totals
 
 

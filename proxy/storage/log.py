@@ -413,15 +413,12 @@ class Log:
         offsets, lengths = run.offsets, run.lengths
         head = HEADER.size + len(slog.key) + EVENTS_FIXED.size
         totals = run.running_totals()
+        event_totals = totals[0]
         origin = offsets[batch]
         limit = bisect_right(run.first_events, last_event)
-        fit = bisect_right(
-            range(batch + 1, limit + 1),
-            max_bytes,
-            key=lambda end: _event_bytes(totals, batch, end, head),
-        )
+        fit = bisect_right(event_totals, event_totals[batch] + max_bytes, batch, limit + 1) - 1
         near = bisect_right(offsets, origin + 4 * max_bytes + 65536, batch + 1, limit)
-        stop = min(batch + 1 + fit, limit, near)
+        stop = min(fit + 1, limit, near)
         span = offsets[stop - 1] + lengths[stop - 1] - origin
         segment = self.segments[run.segment]
         try:
@@ -549,7 +546,7 @@ def _events_from(
         if next_event <= min(first_events[batch] + counts[batch] - 1, last_event):
             return b"".join(parts), next_event - start_event
         position += 1
-    whole = _whole_until(run, totals, position, stop, next_event, last_event, budget, head)
+    whole = _whole_until(run, totals, position, stop, next_event, last_event, budget)
     if whole > position:
         stored = CRC.unpack_from
         crc32 = zlib.crc32
@@ -565,20 +562,12 @@ def _events_from(
                 raise StorageError(f"corrupt record in {path} at byte {origin + pos}")
             append(raw[pos + head + 4 * count : end])
         next_event = first_events[whole - 1] + counts[whole - 1]
-        budget -= _event_bytes(totals, position, whole, head)
+        budget -= totals[0][whole] - totals[0][position]
     if whole < stop and first_events[whole] == next_event and next_event <= last_event:
         next_event, budget = _part_of(
             raw, view, origin, run, whole, head, path, parts, next_event, last_event, budget
         )
     return b"".join(parts), next_event - start_event
-
-
-def _event_bytes(totals: tuple[array[int], array[int]], position: int, stop: int, head: int) -> int:
-    """The events' bytes in records position..stop of a run: their length less their
-    framing (header, id, fixed fields, 4 bytes per event), from the run's running totals."""
-    lengths, counts = totals
-    framing = (stop - position) * head + 4 * (counts[stop] - counts[position])
-    return lengths[stop] - lengths[position] - framing
 
 
 def _whole_until(
@@ -589,7 +578,6 @@ def _whole_until(
     next_event: int,
     last_event: int,
     budget: int,
-    head: int,
 ) -> int:
     """The end of the records from `position` that a read takes whole: the first is event
     `next_event`, no gap follows (events that were never stored), none goes past
@@ -599,7 +587,7 @@ def _whole_until(
     gets truer as j shrinks, so when `stop` is too far a bisection finds j.
     """
     first_events, counts = run.first_events, run.counts
-    count_totals = totals[1]
+    event_totals, count_totals = totals
 
     def whole(end: int) -> bool:
         last = first_events[end - 1] + counts[end - 1] - 1
@@ -607,7 +595,7 @@ def _whole_until(
             first_events[position] == next_event
             and last <= last_event
             and last - next_event + 1 == count_totals[end] - count_totals[position]
-            and _event_bytes(totals, position, end, head) <= budget
+            and event_totals[end] - event_totals[position] <= budget
         )
 
     if stop == position or whole(stop):
