@@ -221,7 +221,11 @@ async def follow(
         if TRACE is not None:
             TRACE.client_write(session_id, last)
         await response.write(data)
-        headers_sent = True
+        if not headers_sent:
+            headers_sent = True
+            # uvloop sends a write below its high-water mark only when the loop turn ends:
+            # without a turn here, the first events would wait for the next (large) read.
+            await asyncio.sleep(0)
         budget = READ_BATCH_BYTES
         last_write = time.monotonic()
         on_write(count, None)
