@@ -9,6 +9,7 @@ gets an event before the log has it, and the stock asyncio loop serves it all as
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -17,17 +18,27 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from proxy.app import API
 from proxy.config import Config
-from proxy.storage.base import SessionMeta
+from proxy.storage.base import COMPLETE, SessionMeta
 from proxy.storage.disk import DiskStore
 
-from .helpers import ROOT, ScriptedUpstream, event_ids, free_port, mock_stream_body, read_sse
+from .helpers import (
+    ROOT,
+    ScriptedUpstream,
+    event_ids,
+    free_port,
+    mock_stream_body,
+    read_sse,
+    run_proxy,
+)
 
 EVENT = b'data: {"choices":[{"delta":{"content":"%s"}}]}\n\n'
 AUTH = {"Authorization": "Bearer sk-test"}  # sessions are readable only with their credential
@@ -251,3 +262,80 @@ def test_stock_asyncio_loop_serves_streams_and_resumes(tmp_path: Path) -> None:
         assert process.wait(30) == 0
         log.close()
     assert "uvloop" not in Path(tmp_path / "proxy.log").read_text()
+
+
+def _logged_session(
+    store: DiskStore, session_id: str, rng: random.Random, per_record: Callable[[], int]
+) -> Callable[[], list[bytes] | None]:
+    """A session in the store whose events are appended one record at a time (by calling
+    the result, which returns None while it has more to append, then all its events)."""
+    now = time.time_ns()
+    credential = hashlib.sha256(AUTH["Authorization"].encode()).hexdigest()
+    store.create(
+        SessionMeta(session_id, "POST", "/v1/chat/completions", "0" * 64, credential,
+                    now, now, 200, (("Content-Type", "text/event-stream"),))
+    )  # fmt: skip
+    events: list[bytes] = []
+
+    def append() -> list[bytes] | None:
+        first = len(events) + 1
+        batch = [
+            b"id: %d\ndata: %s\n\n" % (number, b"x" * rng.randint(10, 300))
+            for number in range(first, first + per_record())
+        ]
+        store.append(session_id, first, b"".join(batch), list(accumulate(map(len, batch))), now)
+        events.extend(batch)
+        if len(events) < 150:
+            return None
+        store.end(session_id, COMPLETE, "", now)
+        return events
+
+    return append
+
+
+async def test_a_replay_from_any_offset_is_the_logged_bytes_for_both_record_shapes(
+    config_for: Callable[..., Config],
+) -> None:
+    """Two finished sessions, one with an event per record (a paced stream), one with many,
+    their records interleaved across 4 KiB segments: after a restart (so every byte comes
+    from the segment files), `GET /sessions/{id}/events?offset=N` for every N, and the
+    offline `sessions cat`, which replays through the same code, give the logged bytes."""
+    config = config_for(**{"storage.segment_bytes": "4KiB"})
+    rng = random.Random(17)
+    logged: dict[str, list[bytes]] = {}
+    async with run_proxy(config) as proxy:
+        store = proxy.app[API].store
+        assert isinstance(store, DiskStore)
+        shapes = {
+            "replay-one-per-record": lambda: 1,
+            "replay-batched-records": lambda: rng.randint(2, 9),
+        }
+        appenders = {
+            session_id: _logged_session(store, session_id, rng, per_record)
+            for session_id, per_record in shapes.items()
+        }
+        while appenders:
+            for session_id, append in list(appenders.items()):
+                events = append()
+                if events is not None:
+                    logged[session_id] = events
+                    del appenders[session_id]
+            await store.flush()
+    assert len(list(config.storage.dir.glob("*.log"))) > 8
+    async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
+        for session_id, events in logged.items():
+            assert sum(map(len, events)) > 16 * 1024  # more than the first read of a replay
+            for offset in range(len(events)):
+                url = f"{proxy.url}/sessions/{session_id}/events?offset={offset}"
+                async with http.get(url, headers=AUTH) as response:
+                    assert response.status == 200
+                    assert await response.read() == b"".join(events[offset:]), offset
+    for session_id, events in logged.items():
+        for offset in (0, 77):
+            cat = subprocess.run(
+                [sys.executable, "-m", "proxy", "sessions", "cat", session_id,
+                 "--offset", str(offset), "--data-dir", str(config.storage.dir)],
+                capture_output=True, timeout=60, cwd=ROOT,
+            )  # fmt: skip
+            assert cat.returncode == 0, cat.stderr
+            assert cat.stdout == b"".join(events[offset:])
