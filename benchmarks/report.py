@@ -99,6 +99,37 @@ def checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             add(proxy, "RSS per live session (KiB)", kib, "<= 32 KiB", kib <= 32)
             kib = memory["kib_per_idle_reader"]
             add(proxy, "RSS per idle reader (KiB)", kib, "<= 8 KiB", kib <= 8)
+    for row in replay_rows(results):
+        value, target = row["http_mb_per_s"], row["target_mb_per_s"]
+        name = f"replay, one reader, {row['shape']} (MB/s)"
+        add(REPLAY_PROXY, name, value, f">= {target:,}", value >= target)
+    return rows
+
+
+REPLAY_PROXY = "proxy (bench_log)"  # `python -m proxy serve`: uvloop when installed
+REPLAY_TARGETS = {1: 300, 20: 1000}  # MB/s per reader, by events per record
+
+
+def replay_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The replay figures of `bench_log.py` (one finished session read by one HTTP reader
+    of a proxy process), one row per record shape; none when bench_log did not run."""
+    bench = results.get("bench_log", {})
+    rows = []
+    for per_batch, target in REPLAY_TARGETS.items():
+        http = bench.get(f"replay_http_{per_batch}pb_MBps")
+        if http is None:
+            continue
+        rows.append(
+            {
+                "shape": f"{per_batch} event(s)/record",
+                "store_mb_per_s": bench[f"replay_{per_batch}pb_MBps"],
+                "http_mb_per_s": http,
+                "http_mb_per_cpu_s": bench[f"replay_http_{per_batch}pb_MB_per_cpu_s"],
+                "resume_p50_ms": bench[f"resume_first_byte_{per_batch}pb_p50_ms"],
+                "resume_p99_ms": bench[f"resume_first_byte_{per_batch}pb_p99_ms"],
+                "target_mb_per_s": target,
+            }
+        )
     return rows
 
 
@@ -316,6 +347,38 @@ def markdown(results: dict[str, Any]) -> str:
             for name, row in resume.items()
         ],
     )
+    replays = replay_rows(results)
+    if replays:
+        out += [
+            "Replay of one finished 64 MiB session (200-byte events) by one reader, from "
+            "`bench_log.py`: in the store (`DiskStore.read`), and as a user gets it, "
+            "`GET /sessions/{id}/events?offset=0` from a proxy process on 127.0.0.1; resume: "
+            "new connection to first replayed byte, 500 events from the end.",
+            "",
+        ]
+        out += _table(
+            [
+                "record shape",
+                "store MB/s",
+                "HTTP MB/s",
+                "MB per proxy CPU s",
+                "resume first byte p50",
+                "resume p99",
+                "target MB/s",
+            ],
+            [
+                [
+                    row["shape"],
+                    row["store_mb_per_s"],
+                    row["http_mb_per_s"],
+                    row["http_mb_per_cpu_s"],
+                    row["resume_p50_ms"],
+                    row["resume_p99_ms"],
+                    f">= {row['target_mb_per_s']:,}",
+                ]
+                for row in replays
+            ],
+        )
     out += ["## 5. Memory (VmRSS of a fresh proxy process)", ""]
     out += _table(
         [

@@ -693,10 +693,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, row in results["memory"].items():
                 report.progress(f"memory {name}: {row}")
             results["bench_log"] = (
-                {"skipped": "not in --quick: it alone takes about 25 s"}
+                {"skipped": "not in --quick: it alone takes about 40 s"}
                 if args.quick
                 else bench_log(tmp)
             )
+            for row in report.replay_rows(results):
+                report.progress(f"replay, one reader: {row}")
         finally:
             generator.close()
             for server in reversed(targets.servers.values()):  # proxy-redis before redis-server

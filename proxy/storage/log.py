@@ -534,7 +534,7 @@ def _events_from(
     ends (`_part_of`).
     """
     view = memoryview(raw)
-    parts: list[bytes] = []
+    parts: list[bytes | memoryview] = []
     budget = max_bytes
     next_event = start_event
     position = batch
@@ -551,6 +551,10 @@ def _events_from(
         stored = CRC.unpack_from
         crc32 = zlib.crc32
         append = parts.append
+        events = totals[0][whole] - totals[0][position]
+        # The join copies the events out either way; slicing `raw` copies them once more,
+        # which is cheaper than the join's buffer lookup per part only for small parts.
+        source = view if events > 1024 * (whole - position) else raw
         for pos, length, count in zip(
             map(sub, run.offsets[position:whole], repeat(origin)),
             lengths[position:whole],
@@ -560,9 +564,9 @@ def _events_from(
             end = pos + length
             if crc32(view[pos + 4 : end]) != stored(raw, pos)[0]:
                 raise StorageError(f"corrupt record in {path} at byte {origin + pos}")
-            append(raw[pos + head + 4 * count : end])
+            append(source[pos + head + 4 * count : end])
         next_event = first_events[whole - 1] + counts[whole - 1]
-        budget -= totals[0][whole] - totals[0][position]
+        budget -= events
     if whole < stop and first_events[whole] == next_event and next_event <= last_event:
         next_event, budget = _part_of(
             raw, view, origin, run, whole, head, path, parts, next_event, last_event, budget
@@ -611,7 +615,7 @@ def _part_of(
     position: int,
     head: int,
     path: Path,
-    parts: list[bytes],
+    parts: list[bytes | memoryview],
     start_event: int,
     last_event: int,
     budget: int,
