@@ -28,8 +28,6 @@ from proxy.storage.records import (
     CRC,
     END,
     EVENTS,
-    EVENTS_FIXED,
-    HEADER,
     LITTLE_ENDIAN,
     OPEN,
     decode_meta,
@@ -71,20 +69,21 @@ class Run:
     def columns(self) -> tuple[array[int], ...]:
         return (self.first_events, self.counts, self.offsets, self.lengths, self.arrivals)
 
-    def running_totals(self) -> tuple[array[int], array[int]]:
+    def running_totals(self, framing: int) -> tuple[array[int], array[int]]:
         """Running totals of the events' bytes and of the event counts (slot i: the records
         before record i), so a read sizes any records i..j with two subtractions and picks
         the records that fit a budget with one bisect. Built at the run's first read (a
-        replay) and extended as it grows; a run never read costs nothing."""
+        replay) and extended as it grows; a run never read costs nothing.
+
+        An EVENTS record is `framing` bytes (header, id, fixed fields), 4 bytes per event,
+        then its events.
+        """
         totals = self.totals
         if totals is None:
             totals = self.totals = (array("q", (0,)), array("q", (0,)))
         event_bytes, counts = totals
         done = len(counts) - 1
         if done < len(self.counts):
-            # An EVENTS record is its framing (header, id, fixed fields, 4 bytes per event),
-            # then its events.
-            framing = HEADER.size + 1 + len(self.session_id) + EVENTS_FIXED.size
             added = self.counts[done:]
             sizes = map(
                 sub, self.lengths[done:], map(add, map(mul, added, repeat(4)), repeat(framing))

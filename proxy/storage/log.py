@@ -412,7 +412,7 @@ class Log:
             )
         offsets, lengths = run.offsets, run.lengths
         head = HEADER.size + len(slog.key) + EVENTS_FIXED.size
-        totals = run.running_totals()
+        totals = run.running_totals(head)
         event_totals = totals[0]
         origin = offsets[batch]
         limit = bisect_right(run.first_events, last_event)

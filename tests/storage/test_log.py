@@ -416,3 +416,21 @@ def test_a_read_stops_at_a_gap_of_events_that_were_never_stored(tmp_path: Path) 
         log.read_events(slog, 4, 9, 1 << 20)
     assert log.read_events(slog, 6, 9, 1 << 20) == (b"".join(logged[3:]), 4)
     log.close()
+
+
+@pytest.mark.parametrize("per_record", [1, 4])
+def test_reads_between_appends_see_each_new_record_of_a_growing_run(
+    tmp_path: Path, per_record: int
+) -> None:
+    """A live session is read while its run in the open segment grows: the running totals
+    a first read built are extended, never stale."""
+    log = open_log(tmp_path)
+    writer = SyncWriter(log, size=lambda number: 20 + number % 7 * 30)
+    for _ in range(12):
+        writer.batch([("growing-session", per_record), ("other-session", 1)])
+        events = writer.logged["growing-session"]
+        for start in range(1, len(events) + 1):
+            for budget in (1, 100, 1 << 20):
+                check_read(log, "growing-session", events, start, len(events), budget)
+    assert len(log.segments) == 1
+    log.close()
