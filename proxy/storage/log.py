@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from proxy.storage.base import SessionInfo, SessionMeta, StorageError
+from proxy.storage.codec import encode_meta, ends_view
 from proxy.storage.index import (
     Pending,
     Run,
@@ -47,15 +48,13 @@ from proxy.storage.records import (
     HEADER,
     MIN_MAX_RECORD,
     OPEN,
-    encode_meta,
-    ends_view,
     frame_alias,
     frame_delete,
     frame_end,
     frame_events,
     frame_open,
-    take_events,
 )
+from proxy.storage.tail import take_events
 
 logger = logging.getLogger("proxy.storage")
 
