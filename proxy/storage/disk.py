@@ -101,7 +101,7 @@ class DiskStore:
         self._stopping: set[asyncio.Task[bool]] = set()
         self._probe: asyncio.Future[None] | None = None
         self._probed_at = -1e9
-        self.on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
+        self._on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
 
     @classmethod
     def open_readonly(cls, directory: str | Path) -> DiskStore:
@@ -457,9 +457,12 @@ class DiskStore:
             if not live:
                 del self._followers[session_id]
 
+    def set_fsync_observer(self, observer: Callable[[float], None]) -> None:
+        self._on_fsync = observer
+
     def _observe_fsync(self, seconds: float) -> None:
-        if self.on_fsync is not None:
-            self.on_fsync(seconds)
+        if self._on_fsync is not None:
+            self._on_fsync(seconds)
 
     def stored_bytes(self) -> int:
         """Bytes of segment files on disk (the data-dir size metric)."""

@@ -24,7 +24,8 @@ from proxy.storage.base import (
     SessionMissing,
     StorageError,
 )
-from proxy.storage.redis import RedisStore, take_events
+from proxy.storage.redis import RedisStore
+from proxy.storage.tail import Tail
 
 from ..helpers import free_port
 from ..redis_server import RedisClusterServers, RedisServer, redis_available
@@ -111,17 +112,6 @@ async def read_all(store: RedisStore, session_id: str, start: int = 1) -> bytes:
         start += count
 
 
-def test_take_events_cuts_batches_at_whole_events() -> None:
-    batches = [(1, *batch(1, 3)), (4, *batch(4, 2))]
-    whole = b"".join(event(n) for n in range(1, 6))
-    assert take_events(batches, 1, 1 << 20) == (whole, 5)
-    assert take_events(batches, 2, 1 << 20) == (whole[len(event(1)) :], 4)
-    assert take_events(batches, 5, 1 << 20) == (event(5), 1)
-    assert take_events(batches, 6, 1 << 20) == (b"", 0)
-    assert take_events(batches, 2, 1) == (event(2), 1)  # at least one whole event
-    assert take_events(batches, 1, len(event(1)) * 4) == (whole[: len(event(1)) * 4], 4)
-
-
 async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
     store: RedisStore, other: RedisStore
 ) -> None:
@@ -136,11 +126,13 @@ async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
         assert await read_all(store, "session-0001", start) == expected
         assert await read_all(other, "session-0001", start) == expected
     assert (await other.read("session-0001", 2, 1)) == (event(2), 1)
-    batches = [(1, *batch(1, 3)), (4, *batch(4, 1)), (5, *batch(5, 4))]
+    tail = Tail(1 << 20)
+    for first, count in ((1, 3), (4, 1), (5, 4)):
+        tail.append(first, *batch(first, count))
     for start in range(1, 10):
         for max_bytes in (1, 40, 80, 100, 150, 400):
             # Redis cuts server-side exactly as the in-memory tail does.
-            expected_cut = take_events(batches, start, max_bytes)
+            expected_cut = tail.read(start, 8, max_bytes)
             assert await other.read("session-0001", start, max_bytes) == expected_cut
     info = await other.get("session-0001")
     assert info is not None
