@@ -72,6 +72,13 @@ async def append_events(store: DiskStore, session_id: str, first: int, count: in
     store.append(session_id, first, data, ends, 1000 + first)
 
 
+async def append_one_per_turn(store: DiskStore, session_id: str, last: int) -> None:
+    """Events 1 to `last`, one append each, with a turn of the event loop between them."""
+    for number in range(1, last + 1):
+        await append_events(store, session_id, number, 1)
+        await asyncio.sleep(0)
+
+
 async def test_events_are_readable_by_position_with_their_arrivals(
     make_store: Callable[..., DiskStore],
 ) -> None:
@@ -299,9 +306,7 @@ async def test_delete_forgets_at_once_wakes_readers_and_reclaims_segments(
     store = make_store(fsync="never", segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-gone"))
-    for number in range(1, 80):
-        await append_events(store, "session-gone", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-gone", 79)
     await store.flush()
     store.create(make_meta("session-stay"))
     await append_events(store, "session-stay", 1, 1)
@@ -414,9 +419,7 @@ async def test_delete_returns_only_once_its_record_is_fsynced_even_under_interva
     store = make_store(fsync="interval", fsync_interval_ms=3_600_000, segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-gone"))
-    for number in range(1, 80):
-        await append_events(store, "session-gone", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-gone", 79)
     store.end("session-gone", COMPLETE, "", 5)
     await store.flush()
     steps: list[str] = []
@@ -444,9 +447,7 @@ async def test_a_delete_the_disk_refuses_raises_and_forgets_nothing(
     store = make_store(fsync="never", segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-kept"))
-    for number in range(1, 80):
-        await append_events(store, "session-kept", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-kept", 79)
     store.end("session-kept", COMPLETE, "", 5)
     await store.flush()
     segments = sorted(Path(store._directory).glob("*.log"))

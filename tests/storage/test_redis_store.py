@@ -5,9 +5,9 @@ machinery (heartbeats, interruption, stop requests, losing Redis) with two store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -28,45 +28,42 @@ from proxy.storage.redis import RedisStore
 from proxy.storage.tail import Tail
 
 from ..helpers import free_port
-from ..redis_server import RedisClusterServers, RedisServer, redis_available
-
-pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+from ..redis_server import RedisClusterServers, RedisServer
 
 
 @pytest.fixture
-async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
-    client = Redis.from_url(redis_server.url)
-    await client.flushall()
-    await client.aclose()
-    yield redis_server.url
+def redis_url(redis_server: RedisServer) -> str:
+    """The module's redis-server, emptied for the test."""
+    redis_server.flushall()
+    return redis_server.url
 
 
 def storage(url: str, ttl: float = 3600.0) -> StorageConfig:
     return StorageConfig(backend="redis", redis_url=url, retention=RetentionConfig(ttl=ttl))
 
 
+@contextlib.asynccontextmanager
+async def replica(url: str) -> AsyncIterator[RedisStore]:
+    """A started store whose heartbeats (every 0.1 s, expiring after 0.5 s) keep tests short."""
+    opened = RedisStore(storage(url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
+    await opened.start()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
-    await opened.start()
-    yield opened
-    await opened.close()
+    async with replica(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture
 async def other(redis_url: str) -> AsyncIterator[RedisStore]:
     """A second replica on the same Redis."""
-    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
-    await opened.start()
-    yield opened
-    await opened.close()
+    async with replica(redis_url) as opened:
+        yield opened
 
 
 def meta(session_id: str = "session-0001", created_ns: int | None = None) -> SessionMeta:
@@ -326,9 +323,9 @@ async def test_unreachable_redis_at_start_is_one_clear_line() -> None:
 
 
 async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
-    tmp_path: Path,
+    own_redis: RedisServer,
 ) -> None:
-    server = RedisServer(tmp_path / "redis").start()
+    server = own_redis
     store = RedisStore(
         storage(server.url), heartbeat_interval=0.1, heartbeat_ttl=0.5, socket_timeout=0.5
     )
@@ -366,7 +363,6 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
         await client.aclose()
     finally:
         await store.close()
-        server.stop()
 
 
 async def test_on_a_cluster_a_sessions_keys_share_a_slot_and_sessions_spread_over_primaries(
