@@ -439,3 +439,49 @@ async def test_an_alias_resolves_on_every_replica_and_expires_with_its_session(
         await client.aclose()
         await other.close()
         await store.close()
+
+
+async def test_stored_bytes_is_what_redis_reports_using_and_follows_what_is_stored(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """The storage_bytes gauge: `used_memory`, re-read once per heartbeat."""
+    before = store.stored_bytes()
+    assert before > 0  # read at start, before any heartbeat
+    store.create(meta())
+    data, ends = batch(1, 1, size=1 << 20)
+    store.append("session-0001", 1, data, ends, time.time_ns())
+    await store.flush()
+    deadline = time.monotonic() + 10
+    while store.stored_bytes() < before + len(data):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    client = Redis.from_url(redis_server.url)
+    try:
+        reported = int((await client.info("memory"))["used_memory"])
+    finally:
+        await client.aclose()
+    assert abs(store.stored_bytes() - reported) < len(data) // 2
+    await store.delete("session-0001")
+    while store.stored_bytes() > before + len(data) // 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_on_a_cluster_stored_bytes_adds_up_every_primary(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    config = StorageConfig(backend="redis", redis_url=redis_cluster.url, redis_cluster=True)
+    store = RedisStore(config)
+    await store.start()
+    try:
+        each = []
+        for row in redis_cluster.topology():
+            if "master" in row["flags"]:
+                client = Redis(port=int(row["port"]))
+                each.append(int((await client.info("memory"))["used_memory"]))
+                await client.aclose()
+        assert len(each) == 3
+        # The primaries hold about the same baseline: one or two alone fall far short.
+        assert store.stored_bytes() > sum(each) - min(each) // 2
+    finally:
+        await store.close()
