@@ -186,8 +186,11 @@ class DiskStore:
             await self.flush()
             current = self._log.current
             if current is not None and self._config.fsync != "never":
+                fds = self._take_unsynced()
+                if current.fd not in fds:
+                    fds.insert(0, current.fd)
                 try:
-                    await self._loop.run_in_executor(self._executor, fsync_all, [current.fd])
+                    await self._loop.run_in_executor(self._executor, fsync_all, fds)
                 except OSError as exc:
                     self._trouble(exc, "fsync")
         self._executor.shutdown(wait=True)
@@ -336,14 +339,23 @@ class DiskStore:
             logger.error("storage: sealing %s failed: %r", segment.path, error)
         self._log.sealed(segment)
 
+    def _take_unsynced(self) -> list[int]:
+        """What the next fsync covers: the segments written since their last fsync, then the
+        data dir if a segment was created since (its name must be as durable as its bytes)."""
+        fds = [segment.fd for segment in self._dirty.values()]
+        self._dirty.clear()
+        directory = self._log.take_directory_fd()
+        if directory is not None:
+            fds.append(directory)
+        return fds
+
     def _kick_fsync(self) -> None:
         """Start one fsync covering every batch queued so far, unless one is running."""
         if self._fsync_running or not self._commit_queue:
             return
         assert self._loop is not None
         batches, self._commit_queue = self._commit_queue, []
-        fds = [segment.fd for segment in self._dirty.values()]
-        self._dirty.clear()
+        fds = self._take_unsynced()
         self._fsync_running = True
         job = self._loop.run_in_executor(self._executor, fsync_all, fds)
         job.add_done_callback(partial(self._fsynced, batches, self._written_seq))
@@ -529,8 +541,7 @@ class DiskStore:
             await asyncio.sleep(interval)
             if not self._dirty:
                 continue
-            fds = [segment.fd for segment in self._dirty.values()]
-            self._dirty.clear()
+            fds = self._take_unsynced()
             try:
                 elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
             except OSError as exc:
@@ -630,8 +641,7 @@ class DiskStore:
         assert self._loop is not None
         if self._sealing:
             await asyncio.gather(*self._sealing, return_exceptions=True)
-        fds = [segment.fd for segment in self._dirty.values()]
-        self._dirty.clear()
+        fds = self._take_unsynced()
         try:
             elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
         except OSError as exc:
