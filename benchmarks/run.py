@@ -104,6 +104,9 @@ class Targets:
     servers: dict[str, Server] = field(default_factory=dict)
     only: dict[str, tuple[str, ...]] = field(default_factory=dict)
     stores: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # A second replica on the same store (no column of its own): resumes through it are
+    # served from Redis, as when a load balancer sends the reconnect to another box.
+    peers: dict[str, int] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:
@@ -356,6 +359,19 @@ class Bench:
                     False,
                 )
                 row["resume_first_byte"] = percentiles_ms([r[1] for r in resumes])
+                peer = self.targets.peers.get(name)
+                if peer is not None:
+                    elsewhere = self._sequence(
+                        peer,
+                        [
+                            ("GET", f"/sessions/{sid}/events?offset={middle}", b"")
+                            for sid in session_ids
+                        ],
+                        True,
+                    )
+                    row["resume_first_byte_other_replica"] = percentiles_ms(
+                        [r[1] for r in elsewhere]
+                    )
                 burst = self.gen.run(
                     "burst",
                     [
@@ -664,6 +680,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     targets.stores[name] = stores
                 for name in targets.stores:
                     targets.only[name] = plan.redis_workloads
+                targets.only[PROXY_REDIS] += ("resume",)
+                peer = _proxy_starter(
+                    tmp, upstream.port, True, redis_url, name=f"{PROXY_REDIS}-peer"
+                )()
+                targets.servers[peer.name] = peer
+                targets.peers[PROXY_REDIS] = peer.port
             else:
                 report.progress(f"{missing}: the proxy-redis columns are skipped")
             bench = Bench(plan, generator, targets)

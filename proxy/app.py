@@ -28,7 +28,6 @@ from .responses import BackgroundResponses
 from .sessions import SessionManager
 from .storage import open_store
 from .storage.base import SessionExists, SessionMissing, SessionStore, StorageError
-from .storage.disk import DiskStore
 from .upstream import Origin
 
 log = logging.getLogger("proxy.app")
@@ -204,13 +203,11 @@ def _wire_gauges(metrics: Metrics, manager: SessionManager, store: SessionStore)
         "live_sessions", "Sessions whose upstream is being read now", lambda: manager.live_count
     )
     metrics.add_gauge("storage_healthy", "1 while the store can write", lambda: int(store.healthy))
-    # The protocol declares stored_bytes(); a store built before it (the Redis store, for
-    # now) has no storage_bytes gauge rather than a wrong one.
-    stored_bytes = getattr(store, "stored_bytes", None)
-    if stored_bytes is not None:
-        metrics.add_gauge(
-            "storage_bytes", "Bytes the store keeps on disk (segment files)", stored_bytes
-        )
+    metrics.add_gauge(
+        "storage_bytes",
+        "Bytes the store keeps: segment files on disk, or what Redis reports using",
+        store.stored_bytes,
+    )
 
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -222,8 +219,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         mock = await serve_mock(tokens=config.mock.tokens, interval_ms=config.mock.interval_ms)
         upstream_url = mock.url
     store = open_store(config.storage)
-    if isinstance(store, DiskStore):
-        store.on_fsync = metrics.fsync_seconds.observe
+    store.set_fsync_observer(metrics.fsync_seconds.observe)
     await store.start()
     client = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True),

@@ -5,9 +5,7 @@ Flags default to None so that the config file decides unless a flag is given.
 
 from __future__ import annotations
 
-import asyncio
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -15,7 +13,6 @@ import click
 
 from .config import Config, ConfigError, load_config
 from .errors import ProxyError
-from .logs import setup_logging
 from .storage.base import StorageError
 
 
@@ -30,15 +27,6 @@ def _load(config_path: str | None, overrides: dict[str, Any]) -> Config:
         return load_config(config_path, overrides)
     except ConfigError as exc:
         _fail(exc.problems)
-
-
-def _use_uvloop() -> None:
-    """uvloop when installed (the `fast` extra): the relay is event-loop bound."""
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 @click.group()
@@ -64,34 +52,9 @@ def serve(
 ) -> None:
     """Run the proxy."""
     config = _load(config_path, serve_overrides(host, port, upstream, data_dir, log_level))
-    setup_logging(config.server.log_level, config.server.log_format)
-    _use_uvloop()
-    listening = f"http://{config.server.host}:{config.server.port}"
-    banner = f"resumable-proxy listening on {listening} -> {_upstream_name(config)}"
-    count = config.server.workers
-    if count == 1:
-        _serve_one(config, lambda: click.echo(banner, err=True))
-        return
-    from .workers import supervise
+    from .server import serve as run_server
 
-    def worker(ready: Callable[[], None]) -> int:
-        _serve_one(config, ready, reuse_port=True)
-        return 0
-
-    sys.exit(supervise(count, worker, lambda: click.echo(f"{banner} ({count} workers)", err=True)))
-
-
-def _serve_one(config: Config, ready: Callable[[], None], reuse_port: bool = False) -> None:
-    """The proxy in this process until SIGTERM/SIGINT; `ready` once it listens."""
-    from .app import build_app
-    from .server import run
-
-    try:
-        run(build_app(config), config, announce=ready, reuse_port=reuse_port)
-    except StorageError as exc:
-        _fail(f"error: storage: {exc}")
-    except OSError as exc:
-        _fail(f"error: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+    sys.exit(run_server(config))
 
 
 def serve_overrides(
@@ -112,10 +75,6 @@ def serve_overrides(
     }
 
 
-def _upstream_name(config: Config) -> str:
-    return "built-in mock upstream" if config.upstream.is_mock else config.upstream.url
-
-
 @main.command("mock-upstream")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8081, show_default=True)
@@ -125,7 +84,6 @@ def mock_upstream(host: str, port: int, tokens: int, interval_ms: float) -> None
     """Serve the built-in OpenAI-compatible mock upstream alone."""
     from .mock import run_mock_upstream
 
-    _use_uvloop()
     run_mock_upstream(host, port, tokens, interval_ms)
 
 

@@ -56,10 +56,7 @@ class InvalidCursor(BadRequest):
     code = "invalid_cursor"
 
 
-class SessionNotFound(ProxyError, SessionMissing):
-    """Also a `SessionMissing`, so one `except SessionMissing` covers both the store's own
-    error and this one (which a store written before storage errors may still raise)."""
-
+class SessionNotFound(ProxyError):
     status = 404
     code = "session_not_found"
 
@@ -79,7 +76,7 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
-class SessionConflict(ProxyError, SessionExists):
+class SessionConflict(ProxyError):
     status = 409
     code = "session_conflict"
 

@@ -1,4 +1,5 @@
-"""Serving the app on its listening socket: the connection cap, the fd limit, the run loop.
+"""Running the proxy: the loop, the workers, the listening socket, the connection cap, the fd
+limit, and the one line a start-up failure prints (the CLI only maps flags to a Config).
 
 aiohttp's `run_app` gives no hook between the listening socket and its connections, and the
 contract caps open client connections at `server.max_connections`: past it, new connections
@@ -16,12 +17,18 @@ import contextlib
 import json
 import logging
 import resource
+import sys
 from collections.abc import Callable
 
 from aiohttp import web
 
+from .app import build_app
 from .config import Config
 from .errors import TooManyConnections
+from .eventloop import new_event_loop
+from .logs import setup_logging
+from .storage.base import StorageError
+from .workers import supervise
 
 log = logging.getLogger("proxy.server")
 
@@ -181,6 +188,41 @@ async def _serve(
         await runner.cleanup()
 
 
+def serve(config: Config) -> int:
+    """Run the proxy (one process, or `server.workers` of them on one port) until SIGTERM or
+    SIGINT; the process exit code. Prints the banner once listening, or the one line that
+    says why it could not start (exit 2)."""
+    setup_logging(config.server.log_level, config.server.log_format)
+    listening = f"http://{config.server.host}:{config.server.port}"
+    upstream = "built-in mock upstream" if config.upstream.is_mock else config.upstream.url
+    banner = f"resumable-proxy listening on {listening} -> {upstream}"
+    count = config.server.workers
+    if count == 1:
+        return _serve_one(config, lambda: _say(banner))
+
+    def worker(ready: Callable[[], None]) -> int:
+        return _serve_one(config, ready, reuse_port=True)
+
+    return supervise(count, worker, lambda: _say(f"{banner} ({count} workers)"))
+
+
+def _serve_one(config: Config, ready: Callable[[], None], reuse_port: bool = False) -> int:
+    try:
+        run(build_app(config), config, announce=ready, reuse_port=reuse_port)
+    except StorageError as exc:
+        _say(f"error: storage: {exc}")
+        return 2
+    except OSError as exc:
+        _say(f"error: cannot listen on {config.server.host}:{config.server.port}: {exc.strerror}")
+        return 2
+    return 0
+
+
+def _say(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def run(
     app: web.Application, config: Config, announce: Callable[[], None], reuse_port: bool = False
 ) -> None:
@@ -188,7 +230,7 @@ def run(
     `reuse_port`: bind with SO_REUSEPORT, beside the other workers of `server.workers`."""
     limit = raise_fd_limit()
     log.debug("open-file limit %d", limit)
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
     main = loop.create_task(_serve(app, config, announce, reuse_port))
     try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -15,17 +16,21 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
+import yaml
 from aiohttp import web
 
 from proxy.app import build_app
 from proxy.config import Config, load_config
 from proxy.server import ProxySite
+from proxy.sse import SSEFramer
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "sse"  # kept in the repo: the shared fixtures, copied
@@ -44,6 +49,20 @@ def make_config(data_dir: Path, upstream: str = "mock", **overrides: Any) -> Con
     return load_config(None, values, environ={})
 
 
+def config_file(path: Path, overrides: Mapping[str, Any]) -> Path:
+    """`overrides` (dotted keys, as `make_config` takes them) written as the YAML file that
+    `serve --config` reads, for tests that run the proxy as a process."""
+    tree: dict[str, Any] = {}
+    for key, value in overrides.items():
+        *sections, name = key.split(".")
+        node = tree
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[name] = value
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
 @dataclass
 class RunningProxy:
     url: str
@@ -53,6 +72,10 @@ class RunningProxy:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
 
     async def stop(self) -> None:
         await self.runner.cleanup()
@@ -240,6 +263,25 @@ def mock_stream_body(tokens: int, interval_ms: float) -> dict[str, object]:
     }
 
 
+def chat_stream(
+    proxy_url: str,
+    tokens: int,
+    interval_ms: float,
+    headers: Mapping[str, str],
+    timeout: float = 30.0,
+) -> AbstractContextManager[httpx.Response]:
+    """`with chat_stream(...) as response:` the built-in mock's answer of `tokens` deltas
+    `interval_ms` apart, streamed on a connection of its own (a new one each time, so behind
+    one port the kernel may give it to any worker)."""
+    return httpx.stream(
+        "POST",
+        proxy_url + "/v1/chat/completions",
+        json=mock_stream_body(tokens, interval_ms),
+        headers=dict(headers),
+        timeout=timeout,
+    )
+
+
 def event_ids(body: bytes) -> list[int]:
     return [int(line[4:]) for line in body.split(b"\n") if line.startswith(b"id: ")]
 
@@ -283,6 +325,11 @@ class ThreadedProxy:
         return self.url + "/v1"
 
     @property
+    def port(self) -> int:
+        assert self.proxy is not None
+        return self.proxy.port
+
+    @property
     def upstream_url(self) -> str:
         from proxy.app import API
 
@@ -300,6 +347,16 @@ def read_events(chunks: Iterable[bytes], count: int) -> bytes:
     return seen
 
 
+async def aread_events(response: aiohttp.ClientResponse, count: int) -> bytes:
+    """`read_events` for an aiohttp response; a stream that ends short of `count` fails."""
+    seen = b""
+    while seen.count(b"\n\n") < count:
+        chunk = await response.content.readany()
+        assert chunk, f"the stream ended before {count} events: {seen!r}"
+        seen += chunk
+    return seen
+
+
 def whole_events(seen: bytes) -> bytes:
     """`seen` up to the end of its last whole event (a cut read ends mid-event)."""
     return seen[: seen.rindex(b"\n\n") + 2]
@@ -308,3 +365,40 @@ def whole_events(seen: bytes) -> bytes:
 def split_whole_events(body: bytes) -> list[bytes]:
     """The whole events of `body`, each with its blank line; a torn last one is left out."""
     return [event + b"\n\n" for event in body.split(b"\n\n")[:-1]]
+
+
+def frame(chunks: list[bytes], **options: object) -> tuple[bytes, list[int], bool]:
+    """Feed chunks to one SSEFramer; return all rendered bytes, absolute event ends, and
+    whether the stream ended clean."""
+    framer = SSEFramer(**options)  # type: ignore[arg-type]
+    out = bytearray()
+    ends: list[int] = []
+    for chunk in [*chunks, None]:
+        if chunk is None:
+            data, rel, clean = framer.finish()
+        else:
+            data, rel = framer.feed(chunk)
+        ends.extend(len(out) + end for end in rel)
+        out += data
+    return bytes(out), ends, clean
+
+
+def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` cut at each of `cuts` (taken modulo its length + 1), as reads would bring it."""
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    bounds = [0, *points, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
+
+
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body (RFC 9112 §7.1) as the bytes it carries, up to its last
+    chunk; for answers read off a raw socket."""
+    out = bytearray()
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return bytes(out)

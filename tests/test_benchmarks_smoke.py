@@ -29,7 +29,8 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
     targets = results["targets"]
     assert targets[0] == "direct" and any(name.startswith("proxy") for name in targets)
     # The Redis columns (when redis-server is installed: proxy-redis, proxy-redis-workers2,
-    # proxy-redis-cluster) run in --quick's 20-per-write throughput only, proxy-always
+    # proxy-redis-cluster) run in --quick's 20-per-write throughput only (and proxy-redis in
+    # the resume workload too, through a second replica as well), proxy-always
     # (fsync: always) in the latency workload at 100 streams only; every other target runs in
     # every workload.
     redis_columns = [name for name in targets if name.startswith("proxy-redis")]
@@ -52,6 +53,9 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
             assert results["resume"][name]["resume_first_byte"]["samples"] > 0
             assert results["resume"][name]["resume_first_byte_at_once"]["samples"] > 0
             assert results["memory"][name]["live_sessions"] > 0
+    if "proxy-redis" in targets:
+        elsewhere = results["resume"]["proxy-redis"]["resume_first_byte_other_replica"]
+        assert elsewhere["samples"] > 0
     assert results["checks"] and "bench_log" in results
     assert results["machine"]["git_commit"]
 

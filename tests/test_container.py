@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from proxy.mock import answer_tokens
 
-from .helpers import ROOT, event_ids, mock_stream_body
+from .helpers import ROOT, chat_stream, event_ids, read_events
 from .podman import (
     BASE,
     REDIS,
@@ -183,9 +183,7 @@ def test_healthcheck_follows_the_port_set_in_a_mounted_config_file(
 
 def test_session_survives_podman_restart(podman: Podman, proxy: Container) -> None:
     with httpx.Client(timeout=30) as http:
-        with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(8, 5), headers=AUTH
-        ) as response:
+        with chat_stream(proxy.url, 8, 5, AUTH) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             body = response.read()
         podman("restart", proxy.name, timeout=60)
@@ -201,14 +199,10 @@ def test_podman_stop_lets_a_live_stream_finish_exits_0_and_marks_nothing_lost(
     podman: Podman, image: str, volume: str, proxy: Container
 ) -> None:
     with httpx.Client(timeout=30) as http:
-        with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(40, 50), headers=AUTH
-        ) as response:
+        with chat_stream(proxy.url, 40, 50, AUTH) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             chunks = response.iter_raw()
-            seen = b""
-            while seen.count(b"\n\n") < 3:
-                seen += next(chunks)
+            seen = read_events(chunks, 3)
             stop = podman.popen("stop", proxy.name)
             rest = b"".join(chunks)
         assert stop.wait(STOP_WAIT_S) == 0, stop.communicate()

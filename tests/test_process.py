@@ -11,7 +11,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .helpers import ROOT, ProxyProcess, event_ids, mock_stream_body, read_events, whole_events
+from .helpers import (
+    ROOT,
+    ProxyProcess,
+    chat_stream,
+    event_ids,
+    mock_stream_body,
+    read_events,
+    whole_events,
+)
 
 AUTH = {"Authorization": "Bearer sk-carol"}
 
@@ -28,9 +36,7 @@ def test_kill9_mid_stream_then_restart_keeps_every_event_a_client_saw(
     data_dir = tmp_path / "data"
     first = start(proxies, data_dir)
     with httpx.Client(timeout=20) as http:
-        with http.stream(
-            "POST", first.url + "/v1/chat/completions", json=mock_stream_body(2000, 5), headers=AUTH
-        ) as response:
+        with chat_stream(first.url, 2000, 5, AUTH, timeout=20) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             seen = whole_events(read_events(response.iter_raw(), 40))
             first.kill()
@@ -50,15 +56,12 @@ def test_a_stop_signal_lets_live_streams_finish_within_grace_and_exits_0(
     proxies: list[ProxyProcess], tmp_path: Path, stop: signal.Signals
 ) -> None:
     proxy = start(proxies, tmp_path / "data")
-    with httpx.Client(timeout=20) as http:
-        with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(40, 20), headers=AUTH
-        ) as response:
-            chunks = response.iter_raw()
-            seen = read_events(chunks, 3)
-            assert proxy.process is not None
-            proxy.process.send_signal(stop)
-            rest = b"".join(chunks)
+    with chat_stream(proxy.url, 40, 20, AUTH, timeout=20) as response:
+        chunks = response.iter_raw()
+        seen = read_events(chunks, 3)
+        assert proxy.process is not None
+        proxy.process.send_signal(stop)
+        rest = b"".join(chunks)
     assert proxy.process.wait(20) == 0
     whole = seen + rest
     assert event_ids(whole) == list(range(1, 44))
@@ -73,12 +76,7 @@ def test_sigterm_past_grace_ends_streams_interrupted_with_error_event(
     data_dir = tmp_path / "data"
     proxy = start(proxies, data_dir, "--config", str(config))
     with httpx.Client(timeout=20) as http:
-        with http.stream(
-            "POST",
-            proxy.url + "/v1/chat/completions",
-            json=mock_stream_body(1000, 10),
-            headers=AUTH,
-        ) as response:
+        with chat_stream(proxy.url, 1000, 10, AUTH, timeout=20) as response:
             session_id = response.headers["X-Resume-Session-Id"]
             chunks = response.iter_raw()
             seen = read_events(chunks, 3)
@@ -115,9 +113,7 @@ def test_offline_cli_reads_a_data_dir_while_the_proxy_writes_it(
             proxy.url + "/v1/chat/completions", json=mock_stream_body(5, 0), headers=AUTH
         )
         finished_id = done.headers["X-Resume-Session-Id"]
-        with http.stream(
-            "POST", proxy.url + "/v1/chat/completions", json=mock_stream_body(500, 10), headers=AUTH
-        ) as response:
+        with chat_stream(proxy.url, 500, 10, AUTH, timeout=20) as response:
             live_id = response.headers["X-Resume-Session-Id"]
             read_events(response.iter_raw(), 5)
             listing = run_cli("ls", "--data-dir", str(data_dir))

@@ -33,6 +33,7 @@ from proxy.storage.disk import DiskStore
 from .helpers import (
     ROOT,
     ScriptedUpstream,
+    dechunk,
     event_ids,
     free_port,
     mock_stream_body,
@@ -75,19 +76,6 @@ async def _read_all(sock: socket.socket, until: bytes, limit: float = 30.0) -> b
     return bytes(data)
 
 
-def _dechunk(raw: bytes) -> bytes:
-    _head, _, body = raw.partition(b"\r\n\r\n")
-    out = bytearray()
-    while body:
-        size_line, _, body = body.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            break
-        out += body[:size]
-        body = body[size + 2 :]
-    return bytes(out)
-
-
 async def test_reader_stalled_behind_a_full_socket_slows_no_one_and_loses_nothing(
     upstream: ScriptedUpstream,
     config_for: Callable[..., Config],
@@ -100,8 +88,7 @@ async def test_reader_stalled_behind_a_full_socket_slows_no_one_and_loses_nothin
     upstream.script = script
     body = json.dumps(mock_stream_body(1, 0)).encode()
     async with proxy_for(config_for(upstream.url)) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
-        stalled, _ = await _raw_request(port, body, rcvbuf=4096)
+        stalled, _ = await _raw_request(proxy.port, body, rcvbuf=4096)
         head = await _read_all(stalled, b"\r\n\r\n")
         session_id = next(
             line.split(b": ", 1)[1].decode()
@@ -121,7 +108,7 @@ async def test_reader_stalled_behind_a_full_socket_slows_no_one_and_loses_nothin
         assert info["state"] == "complete" and info["events"] == total
         rest = await _read_all(stalled, b"\r\n0\r\n\r\n")
         stalled.close()
-    relayed = _dechunk(head + rest)
+    relayed = dechunk((head + rest).partition(b"\r\n\r\n")[2])
     assert event_ids(relayed) == list(range(1, total + 1))
     assert relayed.count(b"x" * 900) == total
 

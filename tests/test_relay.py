@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import logging
 import re
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -312,10 +313,17 @@ async def test_cors_preflight_and_exposed_session_header(config_for: Callable[..
             assert "Access-Control-Allow-Origin" not in r.headers
 
 
-async def raw_request(port: int, head: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+@contextlib.asynccontextmanager
+async def raw_request(
+    port: int, head: bytes
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A request head written as bytes, for what aiohttp's client would not send as is."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(head)
-    return reader, writer
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
 
 
 async def test_expect_100_continue_is_answered_here_and_never_forwarded(
@@ -323,24 +331,20 @@ async def test_expect_100_continue_is_answered_here_and_never_forwarded(
 ) -> None:
     """An upstream that never sends `100 Continue` (most do not) must not hold the request:
     the proxy answers the client's Expect itself and sends the request on without it."""
-    upstream = await RawUpstream({"/v1/chat/completions": paced_stream(3, 0)}).start()
     body = b'{"stream": true}'
     head = (
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
-    try:
-        async with run_proxy(config_for(upstream.url)) as proxy:
-            reader, writer = await raw_request(int(proxy.url.rsplit(":", 1)[1]), head)
-            try:
-                interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-                assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
-                writer.write(body)
-                answer = await asyncio.wait_for(reader.read(), 10)
-            finally:
-                writer.close()
-    finally:
-        await upstream.stop()
+    async with (
+        RawUpstream({"/v1/chat/completions": paced_stream(3, 0)}) as upstream,
+        run_proxy(config_for(upstream.url)) as proxy,
+        raw_request(proxy.port, head) as (reader, writer),
+    ):
+        interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 200")
     assert b"data: [DONE]" in answer
     assert len(upstream.heads) == 1 and b"expect:" not in upstream.heads[0].lower()
@@ -352,20 +356,16 @@ async def test_header_bytes_past_ascii_reach_upstream_none_dropped(
     """UTF-8 header values arrive byte for byte; other obs-text bytes (0x80-0xFF) arrive
     as the characters they are in ISO-8859-1, none dropped (aiohttp's client writes header
     values as UTF-8 text, so a byte that is no UTF-8 cannot be sent on as it came)."""
-    upstream = await RawUpstream({"/v1/models": paced_stream(0, 0)}).start()
     head = (
         b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
         b"X-Utf8: caf\xc3\xa9 \xe2\x82\xac\r\nX-Latin: caf\xe9 \xff\x80!\r\n\r\n"
     )
-    try:
-        async with run_proxy(config_for(upstream.url)) as proxy:
-            reader, writer = await raw_request(int(proxy.url.rsplit(":", 1)[1]), head)
-            try:
-                answer = await asyncio.wait_for(reader.read(), 10)
-            finally:
-                writer.close()
-    finally:
-        await upstream.stop()
+    async with (
+        RawUpstream({"/v1/models": paced_stream(0, 0)}) as upstream,
+        run_proxy(config_for(upstream.url)) as proxy,
+        raw_request(proxy.port, head) as (reader, _),
+    ):
+        answer = await asyncio.wait_for(reader.read(), 10)
     assert answer.startswith(b"HTTP/1.1 200")
     sent = upstream.heads[0]
     assert b"\r\nX-Utf8: caf\xc3\xa9 \xe2\x82\xac\r\n" in sent

@@ -1,8 +1,13 @@
-"""Three proxy replicas as real processes on one real Redis, as behind a load balancer.
+"""Three proxy replicas as real processes on one real Redis, as behind a load balancer, and
+on a real Redis Cluster (3 primaries, 3 replicas).
 
 A stream started on A is followed live from B byte for byte, cancelled from C, survives A's
 kill -9 (B and C replay every event a client saw, and it ends `interrupted`), and a Redis
-restart mid-stream costs the health check, never the process or the client's stream.
+restart mid-stream costs the health check, never the process or the client's stream. On the
+Cluster, the primary that holds a live session is failed over both ways (`CLUSTER FAILOVER`
+on its replica, and kill -9 of the primary with the replica promoted by the cluster): the
+streaming client and a follower on another replica read on through it, and afterwards every
+event either of them saw is in Redis, in order, byte for byte.
 """
 
 from __future__ import annotations
@@ -14,70 +19,68 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 
-from .helpers import ProxyProcess, event_ids, mock_stream_body
-from .redis_server import RedisServer, redis_available
+from proxy.sse import KEEPALIVE
 
-pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+from .helpers import (
+    ProxyProcess,
+    chat_stream,
+    config_file,
+    event_ids,
+    mock_stream_body,
+    read_events,
+    whole_events,
+)
+from .redis_server import RedisClusterServers, RedisServer
+
+# Replicas share one store: the disk log has none to share.
+pytestmark = pytest.mark.backends("redis", "redis-cluster")
 
 AUTH = {"Authorization": "Bearer sk-dave"}
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def storage_yaml(redis_server: RedisServer) -> str:
-    """The `storage:` section every replica gets (the Cluster module overrides it)."""
-    return f"backend: redis\n  redis_url: {redis_server.url}"
-
-
-@pytest.fixture
-def replicas(tmp_path: Path, storage_yaml: str) -> Iterator[list[ProxyProcess]]:
+def replicas(
+    tmp_path: Path, backend: dict[str, Any], proxies: list[ProxyProcess]
+) -> list[ProxyProcess]:
     """Replicas A, B and C: same config, same Redis, the built-in mock upstream each."""
-    with start_replicas(tmp_path, storage_yaml) as started:
-        yield started
+    return start_replicas(proxies, tmp_path, backend)
+
+
+def start_replicas(
+    proxies: list[ProxyProcess],
+    tmp_path: Path,
+    storage: dict[str, Any],
+    names: str = "abc",
+    upstream: str = "mock",
+) -> list[ProxyProcess]:
+    """Proxy processes sharing one config: `storage` (dotted overrides) and 1 s keep-alives."""
+    config = config_file(tmp_path / "proxy.yaml", {**storage, "session.keepalive": "1s"})
+    started = []
+    for name in names:
+        data_dir = tmp_path / name / "data"
+        data_dir.parent.mkdir()
+        proxy = ProxyProcess(data_dir, upstream, extra_args=["--config", str(config)])
+        proxies.append(proxy)
+        started.append(proxy.start())
+    return started
 
 
 @contextlib.contextmanager
-def start_replicas(
-    tmp_path: Path, storage: str, names: str = "abc", upstream: str = "mock"
-) -> Iterator[list[ProxyProcess]]:
-    """Proxy processes sharing one `storage:` section (YAML under the key, indented by 2)."""
-    config = tmp_path / "proxy.yaml"
-    config.write_text(f"storage:\n  {storage}\nsession:\n  keepalive: 1s\n")
-    started: list[ProxyProcess] = []
-    try:
-        for name in names:
-            data_dir = tmp_path / name / "data"
-            data_dir.parent.mkdir()
-            proxy = ProxyProcess(data_dir, upstream, extra_args=["--config", str(config)])
-            started.append(proxy)
-            proxy.start()
-        yield started
-    finally:
-        for proxy in started:
-            proxy.kill()
+def streaming(
+    proxy: ProxyProcess, tokens: int, interval_ms: float, timeout: float = 30
+) -> Iterator[tuple[str, Iterator[bytes]]]:
+    """A chat stream on `proxy`: its session id, and its bytes as they come."""
+    with chat_stream(proxy.url, tokens, interval_ms, AUTH, timeout) as response:
+        yield response.headers["X-Resume-Session-Id"], response.iter_bytes()
 
 
-def whole_events(seen: bytes) -> bytes:
-    return seen[: seen.rindex(b"\n\n") + 2]
-
-
-def read_until(chunks: Iterator[bytes], count: int) -> bytes:
-    seen = b""
-    for chunk in chunks:
-        seen += chunk
-        if seen.count(b"\n\n") >= count:
-            break
-    return seen
+def cancel(proxy: ProxyProcess, session_id: str) -> httpx.Response:
+    return httpx.post(f"{proxy.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
 
 
 def replay(proxy: ProxyProcess, session_id: str, offset: int = 0) -> bytes:
@@ -107,16 +110,8 @@ def test_live_tail_from_another_replica_gets_identical_bytes(
 ) -> None:
     a, b, c = replicas
     tails: dict[str, bytes] = {}
-    with httpx.stream(
-        "POST",
-        f"{a.url}/v1/chat/completions",
-        json=mock_stream_body(80, 15),
-        headers=AUTH,
-        timeout=30,
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        chunks = response.iter_bytes()
-        seen = read_until(chunks, 3)
+    with streaming(a, 80, 15) as (session_id, chunks):
+        seen = read_events(chunks, 3)
 
         def tail(proxy: ProxyProcess) -> None:
             tails[proxy.url] = replay(proxy, session_id)
@@ -137,15 +132,8 @@ def test_kill9_of_the_owner_leaves_every_seen_event_on_the_others_and_interrupts
     replicas: list[ProxyProcess],
 ) -> None:
     a, b, c = replicas
-    with httpx.stream(
-        "POST",
-        f"{a.url}/v1/chat/completions",
-        json=mock_stream_body(2000, 10),
-        headers=AUTH,
-        timeout=30,
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        seen = whole_events(read_until(response.iter_bytes(), 40))
+    with streaming(a, 2000, 10) as (session_id, chunks):
+        seen = whole_events(read_events(chunks, 40))
         a.kill()
     killed = time.monotonic()
     seen_ids = event_ids(seen)
@@ -167,14 +155,9 @@ def test_cancel_and_delete_from_replicas_that_do_not_own_the_stream(
     replicas: list[ProxyProcess],
 ) -> None:
     a, b, c = replicas
-    url = f"{a.url}/v1/chat/completions"
-    with httpx.stream(
-        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        chunks = response.iter_bytes()
-        read_until(chunks, 5)
-        cancelled = httpx.post(f"{c.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
+    with streaming(a, 2000, 10) as (session_id, chunks):
+        read_events(chunks, 5)
+        cancelled = cancel(c, session_id)
         assert cancelled.status_code == 200
         assert cancelled.json()["state"] == "cancelled"
         rest = b"".join(chunks)
@@ -182,12 +165,8 @@ def test_cancel_and_delete_from_replicas_that_do_not_own_the_stream(
     assert session_json(a, session_id)["state"] == "cancelled"
     assert error_code(replay(b, session_id)) == "cancelled"
 
-    with httpx.stream(
-        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        chunks = response.iter_bytes()
-        read_until(chunks, 5)
+    with streaming(a, 2000, 10) as (session_id, chunks):
+        read_events(chunks, 5)
         deleted = httpx.delete(f"{b.url}/sessions/{session_id}", headers=AUTH, timeout=20)
         assert deleted.status_code == 200
         b"".join(chunks)
@@ -197,31 +176,24 @@ def test_cancel_and_delete_from_replicas_that_do_not_own_the_stream(
 
 
 def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes_on(
-    replicas: list[ProxyProcess], redis_server: RedisServer
+    tmp_path: Path, own_redis: RedisServer, proxies: list[ProxyProcess]
 ) -> None:
+    replicas = start_replicas(proxies, tmp_path, own_redis.storage)
     a, b, _ = replicas
 
     def health() -> int:
         return httpx.get(f"{a.url}/healthz", timeout=10).status_code
 
     assert health() == 200
-    with httpx.stream(
-        "POST",
-        f"{a.url}/v1/chat/completions",
-        json=mock_stream_body(300, 20),
-        headers=AUTH,
-        timeout=30,
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        chunks = response.iter_bytes()
-        seen = read_until(chunks, 10)
-        redis_server.kill()
+    with streaming(a, 300, 20) as (session_id, chunks):
+        seen = read_events(chunks, 10)
+        own_redis.kill()
         deadline = time.monotonic() + 10
         while health() != 503:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        seen += read_until(chunks, 20)  # still relayed, from memory
-        redis_server.start()
+        seen += read_events(chunks, 20)  # still relayed, from memory
+        own_redis.start()
         while health() != 200:
             assert time.monotonic() < deadline + 10
             time.sleep(0.05)
@@ -234,14 +206,9 @@ def test_redis_restart_mid_stream_fails_health_then_recovers_and_the_stream_goes
     assert info["state"] == "failed"
     assert "redis" in str(info["reason"])
     # Control reconnected too: a new stream on A can be cancelled from B.
-    url = f"{a.url}/v1/chat/completions"
-    with httpx.stream(
-        "POST", url, json=mock_stream_body(2000, 10), headers=AUTH, timeout=30
-    ) as response:
-        session_id = response.headers["X-Resume-Session-Id"]
-        chunks = response.iter_bytes()
-        read_until(chunks, 5)
-        cancelled = httpx.post(f"{b.url}/sessions/{session_id}/cancel", headers=AUTH, timeout=20)
+    with streaming(a, 2000, 10) as (session_id, chunks):
+        read_events(chunks, 5)
+        cancelled = cancel(b, session_id)
         assert cancelled.json()["state"] == "cancelled"
         assert error_code(b"".join(chunks)) == "cancelled"
 
@@ -285,14 +252,12 @@ class SlowHeadersUpstream:
 
 
 def test_one_client_id_sent_to_two_replicas_at_once_is_created_once_the_other_gets_409(
-    tmp_path: Path, storage_yaml: str
+    tmp_path: Path, backend: dict[str, Any], proxies: list[ProxyProcess]
 ) -> None:
     session_id = "client-chosen-id-0001"
     body = mock_stream_body(5, 0)
-    with (
-        SlowHeadersUpstream(0.5) as upstream,
-        start_replicas(tmp_path, storage_yaml, upstream=upstream.url) as (a, b, c),
-    ):
+    with SlowHeadersUpstream(0.5) as upstream:
+        a, b, c = start_replicas(proxies, tmp_path, backend, upstream=upstream.url)
         answers: dict[str, tuple[int, bytes]] = {}
 
         def send(proxy: ProxyProcess) -> None:
@@ -335,3 +300,37 @@ def test_a_token_made_by_one_replica_opens_the_session_on_every_other(
         assert (
             httpx.get(again, params={"token": other.headers["X-Resume-Token"]}).status_code == 200
         )
+
+
+@pytest.mark.parametrize("kill", [False, True], ids=["cluster-failover", "kill9-primary"])
+def test_failover_of_the_primary_holding_a_live_session_loses_nothing_a_client_saw(
+    tmp_path: Path, own_cluster: RedisClusterServers, proxies: list[ProxyProcess], kill: bool
+) -> None:
+    a, b, c = start_replicas(proxies, tmp_path, own_cluster.storage)
+    followed: dict[str, bytes] = {}
+    with streaming(a, 400, 10, timeout=60) as (session_id, chunks):
+        seen = read_events(chunks, 20)
+
+        def follow() -> None:
+            followed["b"] = replay(b, session_id)
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        seen += read_events(chunks, 40)
+        old_primary = own_cluster.primary_for(f"rp:{{{session_id}}}:events")
+        new_primary = own_cluster.failover(f"rp:{{{session_id}}}:events", kill=kill)
+        assert new_primary.port != old_primary.port
+        assert own_cluster.primary_for(f"rp:{{{session_id}}}:events").port == new_primary.port
+        seen += b"".join(chunks)
+        follower.join(60)
+    # Readers waiting out the failover got keep-alives (every 1 s here); the events are
+    # what must match.
+    seen = seen.replace(KEEPALIVE, b"")
+    followed["b"] = followed["b"].replace(KEEPALIVE, b"")
+    ids = event_ids(seen)
+    assert ids == list(range(1, len(ids) + 1)) and len(ids) > 400
+    assert error_code(seen) is None  # the stream completed, through the failover
+    assert followed["b"] == seen  # the follower on B read on through it, byte for byte
+    assert session_json(c, session_id)["state"] == "complete"
+    assert replay(c, session_id) == seen  # and Redis kept every event: C replays them all
+    assert replay(c, session_id, 250) == seen[seen.index(b"id: 251\n") :]

@@ -31,12 +31,20 @@ from proxy.relay import UpstreamRequest
 from proxy.responses import background_request, latest_response_in
 from proxy.sse import event_data, split_events
 
-from .helpers import ProxyProcess, RunningProxy, ScriptedUpstream, make_config, run_proxy
-from .redis_server import RedisServer, redis_available
+from .helpers import (
+    ProxyProcess,
+    RunningProxy,
+    ScriptedUpstream,
+    config_file,
+    make_config,
+    run_proxy,
+)
 
 PROMPT = "tell me about background mode"
 ALICE, BOB = "sk-alice", "sk-bob"
 AUTH = {"Authorization": "Bearer " + ALICE}
+
+pytestmark = pytest.mark.backends("disk", "redis")
 
 
 def full_text(tokens: int) -> str:
@@ -47,29 +55,23 @@ def mock_fields(tokens: int, interval_ms: float) -> dict[str, Any]:
     return {"mock_tokens": tokens, "mock_interval_ms": interval_ms}
 
 
-@pytest.fixture(params=["disk", "redis"])
-def backend(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Config overrides for the store; Redis is a real server, emptied for each test."""
-    if request.param == "disk":
-        return {}
-    if not redis_available():
-        if os.environ.get("CI"):
-            pytest.fail("CI must install redis-server (see .ci/run)")
-        pytest.skip("redis-server is not installed")
-    server: RedisServer = request.getfixturevalue("redis_server")
-    server.flushall()
-    return {"storage.backend": "redis", "storage.redis_url": server.url}
+def background(tokens: int, interval_ms: float, stream: bool = False) -> dict[str, Any]:
+    """The arguments of `responses.create` for a background response of the mock's."""
+    return {
+        "model": "mock-gpt",
+        "input": PROMPT,
+        "background": True,
+        **({"stream": True} if stream else {}),
+        "extra_body": mock_fields(tokens, interval_ms),
+    }
 
 
 @pytest.fixture
 def proxy_for(
-    tmp_path: Path, backend: dict[str, str]
+    config_for: Callable[..., Config],
 ) -> Callable[..., AbstractAsyncContextManager[RunningProxy]]:
-    (tmp_path / "data").mkdir(exist_ok=True)
-
     def build(upstream: str = "mock") -> AbstractAsyncContextManager[RunningProxy]:
-        config: Config = make_config(tmp_path / "data", upstream, **backend)
-        return run_proxy(config)
+        return run_proxy(config_for(upstream))
 
     return build
 
@@ -187,9 +189,7 @@ async def test_background_create_returns_before_the_answer_then_polling_complete
     proxy: RunningProxy,
 ) -> None:
     async with sdk(proxy.url) as client:
-        created = await client.responses.create(
-            model="mock-gpt", input=PROMPT, background=True, extra_body=mock_fields(40, 20)
-        )
+        created = await client.responses.create(**background(40, 20))
         assert created.status in ("queued", "in_progress")
         assert created.background is True
         assert created.output == []
@@ -207,13 +207,7 @@ async def test_background_stream_resumes_after_sequence_number_with_one_upstream
     proxy: RunningProxy,
 ) -> None:
     async with sdk(proxy.url) as client:
-        stream = await client.responses.create(
-            model="mock-gpt",
-            input=PROMPT,
-            background=True,
-            stream=True,
-            extra_body=mock_fields(30, 15),
-        )
+        stream = await client.responses.create(**background(30, 15, stream=True))
         seen = await take(stream, 10)
         response_id = seen[0].response.id
         assert [event.sequence_number for event in seen] == list(range(10))
@@ -239,13 +233,7 @@ async def test_cancel_while_streaming_is_idempotent_and_streams_end_with_api_err
     proxy: RunningProxy,
 ) -> None:
     async with sdk(proxy.url) as client:
-        stream = await client.responses.create(
-            model="mock-gpt",
-            input=PROMPT,
-            background=True,
-            stream=True,
-            extra_body=mock_fields(2000, 10),
-        )
+        stream = await client.responses.create(**background(2000, 10, stream=True))
         first = await stream.__anext__()
         response_id = first.response.id
         cancelled = await client.responses.cancel(response_id)
@@ -268,9 +256,7 @@ async def test_cancel_while_streaming_is_idempotent_and_streams_end_with_api_err
 
 async def test_cancel_after_completion_returns_the_completed_response(proxy: RunningProxy) -> None:
     async with sdk(proxy.url) as client:
-        created = await client.responses.create(
-            model="mock-gpt", input=PROMPT, background=True, extra_body=mock_fields(5, 0)
-        )
+        created = await client.responses.create(**background(5, 0))
         done = await poll_status(client, created.id, "completed")
         assert (await client.responses.cancel(created.id)).model_dump() == done.model_dump()
 
@@ -279,9 +265,7 @@ async def test_another_api_key_gets_not_found_on_every_call_and_changes_nothing(
     proxy: RunningProxy,
 ) -> None:
     async with sdk(proxy.url) as alice, sdk(proxy.url, BOB) as bob:
-        created = await alice.responses.create(
-            model="mock-gpt", input=PROMPT, background=True, extra_body=mock_fields(20, 20)
-        )
+        created = await alice.responses.create(**background(20, 20))
         with pytest.raises(openai.NotFoundError):
             await bob.responses.retrieve(created.id)
         with pytest.raises(openai.NotFoundError):
@@ -300,9 +284,7 @@ async def test_delete_forgets_the_response_and_its_id_then_goes_upstream(
     proxy: RunningProxy,
 ) -> None:
     async with sdk(proxy.url) as client:
-        created = await client.responses.create(
-            model="mock-gpt", input=PROMPT, background=True, extra_body=mock_fields(500, 10)
-        )
+        created = await client.responses.create(**background(500, 10))
         async with httpx.AsyncClient() as http:
             listed = await http.get(proxy.url + "/sessions", headers=AUTH)
             (session,) = listed.json()["data"]
@@ -341,20 +323,14 @@ async def test_unknown_ids_and_plain_creates_go_upstream_unchanged(proxy: Runnin
     assert calls[f"/v1/responses/{plain.id}"] == 1
 
 
-@pytest.mark.parametrize("backend", ["redis"], indirect=True)
+@pytest.mark.backends("redis")
 async def test_another_replica_resolves_the_id_streams_and_cancels_it(
     tmp_path: Path, backend: dict[str, str]
 ) -> None:
     configs = [make_config(tmp_path / name, **backend) for name in ("a", "b")]
     async with run_proxy(configs[0]) as a, run_proxy(configs[1]) as b:
         async with sdk(a.url) as on_a, sdk(b.url) as on_b:
-            stream = await on_a.responses.create(
-                model="mock-gpt",
-                input=PROMPT,
-                background=True,
-                stream=True,
-                extra_body=mock_fields(2000, 10),
-            )
+            stream = await on_a.responses.create(**background(2000, 10, stream=True))
             seen = await take(stream, 5)
             response_id = seen[0].response.id
             assert (await on_b.responses.retrieve(response_id)).status == "in_progress"
@@ -456,56 +432,40 @@ async def test_a_poll_in_progress_holds_the_latest_response_event_and_upstream_g
 
 
 def test_kill9_mid_stream_then_restart_reports_failed_and_replays_what_was_logged(
-    tmp_path: Path, backend: dict[str, str]
+    tmp_path: Path, backend: dict[str, Any], proxies: list[ProxyProcess]
 ) -> None:
-    config = tmp_path / "proxy.yaml"
-    if backend:
-        config.write_text(
-            f"storage:\n  backend: redis\n  redis_url: {backend['storage.redis_url']}\n"
-        )
-    else:
-        config.write_text("storage:\n  fsync: interval\n")
+    # On disk (no overrides): `fsync: interval`, which a kill -9 must not cost an event.
+    config = config_file(tmp_path / "proxy.yaml", backend or {"storage.fsync": "interval"})
     data_dir = tmp_path / "data"
-    started: list[ProxyProcess] = []
-    try:
-        first = ProxyProcess(data_dir, extra_args=["--config", str(config)])
-        started.append(first.start())
-        client = openai.OpenAI(base_url=first.url + "/v1", api_key=ALICE, max_retries=0)
-        stream = client.responses.create(
-            model="mock-gpt",
-            input=PROMPT,
-            background=True,
-            stream=True,
-            extra_body=mock_fields(5000, 5),
-        )
-        seen = []
-        for event in stream:
-            seen.append(event)
-            if len(seen) == 30:
-                break
-        first.kill()
-        stream.close()
-        response_id = seen[0].response.id
+    first = ProxyProcess(data_dir, extra_args=["--config", str(config)])
+    proxies.append(first.start())
+    client = openai.OpenAI(base_url=first.url + "/v1", api_key=ALICE, max_retries=0)
+    stream = client.responses.create(**background(5000, 5, stream=True))
+    seen = []
+    for event in stream:
+        seen.append(event)
+        if len(seen) == 30:
+            break
+    first.kill()
+    stream.close()
+    response_id = seen[0].response.id
 
-        second = ProxyProcess(data_dir, extra_args=["--config", str(config)])
-        started.append(second.start())
-        client = openai.OpenAI(base_url=second.url + "/v1", api_key=ALICE, max_retries=0)
-        for _ in range(150):  # Redis: until another replica sees the dead one's heartbeat gone
-            failed = client.responses.retrieve(response_id)
-            if failed.status != "in_progress":
-                break
-            time.sleep(0.1)
-        assert failed.status == "failed"
-        assert failed.error is not None and failed.error.code == "interrupted"
-        replay = client.responses.retrieve(response_id, stream=True, starting_after=19)
-        replayed = []
-        with pytest.raises(openai.APIError) as ended:
-            for event in replay:
-                replayed.append(event)
-        assert ended.value.body["code"] == "interrupted"
-    finally:
-        for proxy in started:
-            proxy.kill()
+    second = ProxyProcess(data_dir, extra_args=["--config", str(config)])
+    proxies.append(second.start())
+    client = openai.OpenAI(base_url=second.url + "/v1", api_key=ALICE, max_retries=0)
+    for _ in range(150):  # Redis: until another replica sees the dead one's heartbeat gone
+        failed = client.responses.retrieve(response_id)
+        if failed.status != "in_progress":
+            break
+        time.sleep(0.1)
+    assert failed.status == "failed"
+    assert failed.error is not None and failed.error.code == "interrupted"
+    replay = client.responses.retrieve(response_id, stream=True, starting_after=19)
+    replayed = []
+    with pytest.raises(openai.APIError) as ended:
+        for event in replay:
+            replayed.append(event)
+    assert ended.value.body["code"] == "interrupted"
     sequence = [event.sequence_number for event in replayed]
     assert sequence == list(range(20, 20 + len(replayed)))
     assert len(replayed) >= 10  # every event the client saw was logged before it saw it
@@ -546,18 +506,12 @@ def openai_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("backend", ["disk"], indirect=True)
+@pytest.mark.backends("disk")
 async def test_openai_node_retrieve_stream_starting_after_gets_the_rest(
     proxy: RunningProxy, openai_node: Path
 ) -> None:
     async with sdk(proxy.url) as client:
-        stream = await client.responses.create(
-            model="mock-gpt",
-            input=PROMPT,
-            background=True,
-            stream=True,
-            extra_body=mock_fields(25, 10),
-        )
+        stream = await client.responses.create(**background(25, 10, stream=True))
         seen = await take(stream, 7)
     node = await asyncio.create_subprocess_exec(
         shutil.which("node") or "node",

@@ -1,4 +1,10 @@
-"""Sessions and resume: replay from any offset, follow live, never call the upstream again."""
+"""Sessions and resume: replay from any offset, follow live, never call the upstream again.
+
+The contract's rules (event ids, states, the final error event, credential binding, 404, 409,
+416, cancel, delete) must not depend on the store, so every test here runs on each: the disk
+log, a real redis-server, and a real Redis Cluster (three primaries with a replica each, every
+write waiting for one replica), each emptied before the test.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +21,18 @@ import pytest
 
 from proxy.config import Config
 
-from .helpers import CUT, ScriptedUpstream, event_ids, read_sse, run_proxy
+from .helpers import (
+    CUT,
+    ScriptedUpstream,
+    aread_events,
+    dechunk,
+    event_ids,
+    read_sse,
+    run_proxy,
+    whole_events,
+)
+
+pytestmark = pytest.mark.backends("disk", "redis", "redis-cluster")
 
 AUTH = {"Authorization": "Bearer sk-alice"}
 BODY = {"model": "m", "messages": [{"role": "user", "content": "tell me"}], "stream": True}
@@ -41,10 +58,8 @@ async def start_stream(
     """Start a stream, read `read_events` events, then drop the connection."""
     response = await http.post(proxy_url + "/v1/chat/completions", json=BODY, headers=headers)
     session_id = response.headers["X-Resume-Session-Id"]
-    seen = b""
     async with asyncio.timeout(20):
-        while seen.count(b"\n\n") < read_events:
-            seen += await response.content.readany()
+        seen = await aread_events(response, read_events)
     response.close()
     return session_id, seen
 
@@ -77,7 +92,7 @@ async def test_resume_after_client_drop_replays_rest_without_new_upstream_call(
         )
         _, whole = await read_sse(http, f"{proxy.url}/sessions/{session_id}/events", headers=AUTH)
     assert event_ids(rest) == list(range(last + 1, 32))
-    assert whole.startswith(seen[: seen.rindex(b"\n\n") + 2])
+    assert whole.startswith(whole_events(seen))
     assert whole.endswith(rest)
     assert upstream.calls == 1
 
@@ -300,18 +315,6 @@ async def raw_replay(
     return reader, writer
 
 
-def dechunk(body: bytes) -> bytes:
-    out = bytearray()
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        body = rest[size + 2 :]
-    return bytes(out)
-
-
 async def test_delete_of_a_finished_session_ends_its_replaying_readers_cancelled(
     config_for: Callable[..., Config],
 ) -> None:
@@ -321,8 +324,7 @@ async def test_delete_of_a_finished_session_ends_its_replaying_readers_cancelled
             http, proxy.url + "/v1/chat/completions", method="POST", json=body, headers=AUTH
         )
         session_id = response.headers["X-Resume-Session-Id"]
-        port = int(proxy.url.rsplit(":", 1)[1])
-        reader, writer = await raw_replay(port, session_id)
+        reader, writer = await raw_replay(proxy.port, session_id)
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
             assert head.startswith(b"HTTP/1.1 200")

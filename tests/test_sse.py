@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import re
 from pathlib import Path
 
@@ -12,30 +11,9 @@ from hypothesis import strategies as st
 
 from proxy.sse import MalformedStream, SSEFramer
 
-from .helpers import FIXTURES
+from .helpers import FIXTURES, frame, split_at
 
 FIXTURE_FILES = sorted(FIXTURES.glob("*.sse"))
-
-
-def frame(chunks: list[bytes], **options: object) -> tuple[bytes, list[int], bool]:
-    """Feed chunks; return all rendered bytes, absolute event ends, and clean-end flag."""
-    framer = SSEFramer(**options)  # type: ignore[arg-type]
-    out = bytearray()
-    ends: list[int] = []
-    for chunk in [*chunks, None]:
-        if chunk is None:
-            data, rel, clean = framer.finish()
-        else:
-            data, rel = framer.feed(chunk)
-        ends.extend(len(out) + end for end in rel)
-        out += data
-    return bytes(out), ends, clean
-
-
-def split_at(data: bytes, cuts: list[int]) -> list[bytes]:
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def events_of(rendered: bytes, ends: list[int]) -> list[bytes]:

@@ -22,30 +22,26 @@ import httpx
 import pytest
 from redis import Redis
 
-from .helpers import ROOT, ProxyProcess, event_ids, free_port, mock_stream_body
-from .redis_server import RedisServer, redis_available
-
-pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+from .helpers import ROOT, ProxyProcess, chat_stream, config_file, event_ids, free_port
+from .redis_server import RedisServer
 
 AUTH = {"Authorization": "Bearer sk-workers"}
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def workers(tmp_path: Path, redis_server: RedisServer) -> Iterator[ProxyProcess]:
-    """`serve` with two workers; `.process` is the parent."""
-    config = tmp_path / "proxy.yaml"
+    """`serve` with two workers on an emptied Redis; `.process` is the parent."""
+    redis_server.flushall()
     port = free_port()
-    config.write_text(
-        f"server:\n  workers: 2\n  port: {port}\n  shutdown_grace: 20s\n"
-        f"storage:\n  backend: redis\n  redis_url: {redis_server.url}\n"
-        "session:\n  keepalive: 1s\n"
+    config = config_file(
+        tmp_path / "proxy.yaml",
+        {
+            "server.workers": 2,
+            "server.port": port,
+            "server.shutdown_grace": "20s",
+            **redis_server.storage,
+            "session.keepalive": "1s",
+        },
     )
     (tmp_path / "data").mkdir()
     proxy = ProxyProcess(tmp_path / "data", port=port, extra_args=["--config", str(config)])
@@ -81,15 +77,7 @@ def owners(redis: Redis, session_ids: list[str]) -> dict[str, str]:
 
 def start_stream(proxy: ProxyProcess, tokens: int, interval_ms: float) -> tuple[str, bytes]:
     """A new connection (so the kernel picks a worker), the session id and its first event."""
-    with (
-        httpx.Client(timeout=30) as client,
-        client.stream(
-            "POST",
-            f"{proxy.url}/v1/chat/completions",
-            json=mock_stream_body(tokens, interval_ms),
-            headers=AUTH,
-        ) as response,
-    ):
+    with chat_stream(proxy.url, tokens, interval_ms, AUTH) as response:
         chunks = response.iter_bytes()
         first = next(chunks)
         return response.headers["X-Resume-Session-Id"], first
@@ -157,13 +145,7 @@ def test_sigterm_reaches_every_worker_live_streams_finish_and_the_parent_exits_0
     bodies: list[bytes] = []
 
     def stream() -> None:
-        with httpx.stream(
-            "POST",
-            f"{workers.url}/v1/chat/completions",
-            json=mock_stream_body(150, 10),
-            headers=AUTH,
-            timeout=30,
-        ) as response:
+        with chat_stream(workers.url, 150, 10, AUTH) as response:
             bodies.append(response.read())
 
     streams = [threading.Thread(target=stream) for _ in range(8)]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.web_exceptions import NotAppKeyWarning
 
+from proxy.eventloop import new_event_loop
 from proxy.mock.anthropic import anthropic_message, anthropic_stream
 from proxy.mock.chat import chat_choice, chat_stream, chat_usage, chunk_header
 from proxy.mock.completions import completion_stream, text_choice
@@ -250,4 +251,5 @@ async def _serve_until_signal(host: str, port: int, tokens: int, interval_ms: fl
 
 def run_mock_upstream(host: str, port: int, tokens: int, interval_ms: float) -> None:
     """Serve the mock until SIGINT or SIGTERM (`resumable-proxy mock-upstream`)."""
-    asyncio.run(_serve_until_signal(host, port, tokens, interval_ms))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(_serve_until_signal(host, port, tokens, interval_ms))

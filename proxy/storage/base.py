@@ -100,8 +100,13 @@ class SessionStore(Protocol):
         """False while the store cannot write (reported by /healthz)."""
 
     def stored_bytes(self) -> int:
-        """Bytes the store keeps (the storage_bytes gauge): segment files on disk."""
+        """Bytes the store keeps (the storage_bytes gauge), cheap enough for every scrape:
+        the segment files on disk, or what Redis reports using."""
         ...
+
+    def set_fsync_observer(self, observer: Callable[[float], None]) -> None:
+        """Where the duration of each fsync goes, in seconds (the log_fsync_seconds
+        histogram); set before `start`. A store that never fsyncs itself keeps none."""
 
     async def check_health(self) -> bool:
         """`healthy` for /healthz, re-checked (rate-limited) while it is False, so the store
@@ -115,7 +120,7 @@ class SessionStore(Protocol):
 
     async def claim(self, meta: SessionMeta) -> None:
         """Reserve a client-chosen id before `create(meta)`, atomically for every process
-        sharing the store: SessionConflict when another session has it (or just took it).
+        sharing the store: SessionExists when another session has it (or just took it).
 
         Ids the proxy makes are 128 random bits and skip this; a client's own id may reach
         two replicas (or workers) at once, and exactly one of them may create it.

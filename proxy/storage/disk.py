@@ -4,9 +4,10 @@ Timing is the whole job of this module. Appends only frame bytes into a buffer; 
 `os.write` per loop turn drains it; fsync runs on one dedicated thread (group commit under
 `always`, a ticker under `interval`, nothing under `never`); readers are woken once the
 records they wait for are readable in the sense of the fsync mode. Live readers near the
-head are served from a small per-session tail in memory. A record the disk refuses ends its
-session `failed` for its readers right after its last logged event (`_refused`), and a
-delete is durable before the session leaves the index (`_delete_durably`).
+head are served from a small per-session tail in memory (`tail.py`). A record the disk
+refuses ends its session `failed` for its readers right after its last logged event
+(`_refused`), and a delete is durable before the session leaves the index
+(`_delete_durably`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,8 @@ import logging
 import os
 import time
 from bisect import bisect_left, insort
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -48,7 +47,8 @@ from proxy.storage.log import (
     probe_writable,
     sync_paths,
 )
-from proxy.storage.records import DELETE, END, EVENTS, take_events
+from proxy.storage.records import DELETE, END, EVENTS
+from proxy.storage.tail import Tail, Waiters, release
 from proxy.trace import TRACE
 
 logger = logging.getLogger("proxy.storage")
@@ -58,14 +58,6 @@ PROBE_INTERVAL = 1.0  # seconds between writability probes of an unhealthy store
 PROBE_WAIT = 2.0  # how long /healthz waits for a probe (a hung disk stays unhealthy)
 INTERRUPTED_REASON = "proxy stopped while streaming"
 TOKEN_KEY_FILE = "token.key"  # the capability-token key, 32 random bytes, mode 0600
-
-
-@dataclass(slots=True)
-class _Tail:
-    """The newest batches of a streaming session, as appended: (first_event, data, ends)."""
-
-    batches: deque[tuple[int, bytes, Sequence[int]]] = field(default_factory=deque)
-    nbytes: int = 0
 
 
 class DiskStore:
@@ -88,11 +80,11 @@ class DiskStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._lock_fd = -1
         self._write_scheduled = False
-        self._tails: dict[str, _Tail] = {}
+        self._tails: dict[str, Tail] = {}
         # (created_ns, id) of every session, ascending: GET /sessions pages newest first
         # without sorting per call (create and delete keep it sorted with a bisect).
         self._order: list[tuple[int, str]] = []
-        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._waiters = Waiters()
         self._followers: dict[str, list[Follower]] = {}
         self._dirty: dict[int, Segment] = {}  # segments written since their last fsync
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="proxy-storage-fsync")
@@ -109,7 +101,7 @@ class DiskStore:
         self._stopping: set[asyncio.Task[bool]] = set()
         self._probe: asyncio.Future[None] | None = None
         self._probed_at = -1e9
-        self.on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
+        self._on_fsync: Callable[[float], None] | None = None  # seconds per fsync, for metrics
 
     @classmethod
     def open_readonly(cls, directory: str | Path) -> DiskStore:
@@ -194,15 +186,16 @@ class DiskStore:
             await self.flush()
             current = self._log.current
             if current is not None and self._config.fsync != "never":
+                fds = self._take_unsynced()
+                if current.fd not in fds:
+                    fds.insert(0, current.fd)
                 try:
-                    await self._loop.run_in_executor(self._executor, fsync_all, [current.fd])
+                    await self._loop.run_in_executor(self._executor, fsync_all, fds)
                 except OSError as exc:
                     self._trouble(exc, "fsync")
         self._executor.shutdown(wait=True)
         self._log.close()
-        for waiters in self._waiters.values():
-            _wake(waiters)
-        self._waiters.clear()
+        self._waiters.wake_all()
         for followers in self._followers.values():
             detach_all(followers)
         self._followers.clear()
@@ -224,7 +217,7 @@ class DiskStore:
             raise SessionExists(f"session {session_id} already exists")
         slog = self._log.open_session(meta)
         insort(self._order, (meta.created_ns, session_id))
-        self._tails[session_id] = _Tail()
+        self._tails[session_id] = Tail(self._tail_bytes)
         self._queued(len(self._log.buf))
         assert slog.info is not None
         return slog.info
@@ -238,16 +231,16 @@ class DiskStore:
         arrival_ns: int,
     ) -> None:
         slog = self._live(session_id)
-        refused = slog.info.storage_error if slog.info is not None else None
-        if refused is not None:
-            raise StorageError(f"session {session_id}: the log stopped taking it: {refused}")
+        info = slog.info
+        if info is not None and info.storage_error is not None:
+            raise StorageError(
+                f"session {session_id}: the log stopped taking it: {info.storage_error}"
+            )
         buffered = self._log.append_events(slog, first_event, data, ends, arrival_ns)
         tail = self._tails.get(session_id)
-        if tail is not None:
-            tail.batches.append((first_event, data, ends))
-            tail.nbytes += len(data)
-            while tail.nbytes > self._tail_bytes and len(tail.batches) > 1:
-                tail.nbytes -= len(tail.batches.popleft()[1])
+        if tail is not None and info is not None:
+            tail.append(first_event, data, ends)
+            tail.trim(info.events)
         self._queued(buffered)
 
     def end(self, session_id: str, state: str, reason: str, ended_ns: int) -> None:
@@ -346,14 +339,23 @@ class DiskStore:
             logger.error("storage: sealing %s failed: %r", segment.path, error)
         self._log.sealed(segment)
 
+    def _take_unsynced(self) -> list[int]:
+        """What the next fsync covers: the segments written since their last fsync, then the
+        data dir if a segment was created since (its name must be as durable as its bytes)."""
+        fds = [segment.fd for segment in self._dirty.values()]
+        self._dirty.clear()
+        directory = self._log.take_directory_fd()
+        if directory is not None:
+            fds.append(directory)
+        return fds
+
     def _kick_fsync(self) -> None:
         """Start one fsync covering every batch queued so far, unless one is running."""
         if self._fsync_running or not self._commit_queue:
             return
         assert self._loop is not None
         batches, self._commit_queue = self._commit_queue, []
-        fds = [segment.fd for segment in self._dirty.values()]
-        self._dirty.clear()
+        fds = self._take_unsynced()
         self._fsync_running = True
         job = self._loop.run_in_executor(self._executor, fsync_all, fds)
         job.add_done_callback(partial(self._fsynced, batches, self._written_seq))
@@ -376,7 +378,7 @@ class DiskStore:
         self._durable_seq = seq
         ready = [waiter for target, waiter in self._flush_waiters if target <= seq]
         self._flush_waiters = [item for item in self._flush_waiters if item[0] > seq]
-        _wake(ready)
+        release(ready)
         self._kick_fsync()
 
     def _publish(self, records: Sequence[Pending], error: str | None) -> None:
@@ -423,9 +425,7 @@ class DiskStore:
             else:
                 continue
             if not slog.deleted:
-                woken = waiters.pop(session_id, None)
-                if woken:
-                    _wake(woken)
+                waiters.wake(session_id)
 
     def _refused(self, slog: SessionLog, info: SessionInfo, error: str) -> None:
         """The log could not keep a record of this session (disk full, I/O error, fsync).
@@ -446,9 +446,7 @@ class DiskStore:
                 task.add_done_callback(self._stopping.discard)
         detach_all(self._followers.pop(session_id, None))
         if not slog.deleted:
-            woken = self._waiters.pop(session_id, None)
-            if woken:
-                _wake(woken)
+            self._waiters.wake(session_id)
 
     def follow_live(self, session_id: str, follower: Follower) -> bool:
         slog = self._log.sessions.get(session_id)
@@ -471,9 +469,12 @@ class DiskStore:
             if not live:
                 del self._followers[session_id]
 
+    def set_fsync_observer(self, observer: Callable[[float], None]) -> None:
+        self._on_fsync = observer
+
     def _observe_fsync(self, seconds: float) -> None:
-        if self.on_fsync is not None:
-            self.on_fsync(seconds)
+        if self._on_fsync is not None:
+            self._on_fsync(seconds)
 
     def stored_bytes(self) -> int:
         """Bytes of segment files on disk (the data-dir size metric)."""
@@ -540,8 +541,7 @@ class DiskStore:
             await asyncio.sleep(interval)
             if not self._dirty:
                 continue
-            fds = [segment.fd for segment in self._dirty.values()]
-            self._dirty.clear()
+            fds = self._take_unsynced()
             try:
                 elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
             except OSError as exc:
@@ -641,8 +641,7 @@ class DiskStore:
         assert self._loop is not None
         if self._sealing:
             await asyncio.gather(*self._sealing, return_exceptions=True)
-        fds = [segment.fd for segment in self._dirty.values()]
-        self._dirty.clear()
+        fds = self._take_unsynced()
         try:
             elapsed = await self._loop.run_in_executor(self._executor, fsync_all, fds)
         except OSError as exc:
@@ -659,9 +658,7 @@ class DiskStore:
                 del self._order[position]
         self._tails.pop(slog.session_id, None)
         detach_all(self._followers.pop(slog.session_id, None))
-        waiters = self._waiters.pop(slog.session_id, None)
-        if waiters:
-            _wake(waiters)
+        self._waiters.wake(slog.session_id)
 
     async def get(self, session_id: str) -> SessionInfo | None:
         slog = self._log.sessions.get(session_id)
@@ -700,8 +697,10 @@ class DiskStore:
         if start_event > last:
             return b"", 0
         tail = self._tails.get(session_id)
-        if tail is not None and tail.batches and tail.batches[0][0] <= start_event:
-            return _read_tail(tail, start_event, last, max_bytes)
+        if tail is not None:
+            held = tail.read(start_event, last, max_bytes)
+            if held is not None:
+                return held
         return self._log.read_events(slog, start_event, last, max_bytes)
 
     async def wait(self, session_id: str, after_event: int, timeout: float) -> None:
@@ -711,19 +710,7 @@ class DiskStore:
         info = slog.info
         if info.events > after_event or info.state != STREAMING or timeout <= 0:
             return
-        waiter = self._loop.create_future()
-        waiters = self._waiters.setdefault(session_id, [])
-        waiters.append(waiter)
-        timer = self._loop.call_later(timeout, _wake, (waiter,))
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            current = self._waiters.get(session_id)
-            if current is not None and waiter in current:
-                current.remove(waiter)
-                if not current:
-                    del self._waiters[session_id]
+        await self._waiters.wait(session_id, timeout)
 
     async def arrivals(self, session_id: str) -> list[tuple[int, int, int]]:
         slog = self._live(session_id)
@@ -818,12 +805,6 @@ def _read_key(path: Path) -> bytes:
     return key
 
 
-def _wake(waiters: Sequence[asyncio.Future[None]]) -> None:
-    for waiter in waiters:
-        if not waiter.done():
-            waiter.set_result(None)
-
-
 def _trace_written(records: Sequence[Pending], commit: int) -> None:
     assert TRACE is not None
     for record in records:
@@ -835,29 +816,3 @@ def _settle(done: asyncio.Future[str | None], error: str | None) -> None:
     """Tell a durable delete whether its record reached the disk."""
     if not done.done():
         done.set_result(error)
-
-
-def _read_tail(tail: _Tail, start_event: int, last_event: int, max_bytes: int) -> tuple[bytes, int]:
-    """Serve a live reader from memory: no syscall, and the batches' bytes are shared."""
-    batches = tail.batches
-    position = len(batches) - 1
-    while batches[position][0] > start_event:
-        position -= 1
-    parts = []
-    events = 0
-    budget = max_bytes
-    while position < len(batches):
-        first, data, ends = batches[position]
-        if first > last_event or (first > start_event and events):
-            break
-        lo, hi, taken = take_events(ends, first, start_event, last_event, budget, events)
-        if taken:
-            parts.append(data if hi - lo == len(data) else data[lo:hi])
-            events += taken
-            budget -= hi - lo
-        available = min(first + len(ends) - 1, last_event) - max(start_event, first) + 1
-        if taken < available:
-            break
-        start_event = first + len(ends)
-        position += 1
-    return b"".join(parts), events

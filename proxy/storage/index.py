@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from proxy.storage.base import SessionInfo
+from proxy.storage.codec import LITTLE_ENDIAN, decode_meta
 from proxy.storage.records import (
     ALIAS,
     CRC,
     END,
     EVENTS,
-    LITTLE_ENDIAN,
     OPEN,
-    decode_meta,
     scan_records,
     session_key,
 )

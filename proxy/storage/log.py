@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from proxy.storage.base import SessionInfo, SessionMeta, StorageError
+from proxy.storage.codec import encode_meta, ends_view
 from proxy.storage.index import (
     Pending,
     Run,
@@ -50,15 +51,13 @@ from proxy.storage.records import (
     HEADER,
     MIN_MAX_RECORD,
     OPEN,
-    encode_meta,
-    ends_view,
     frame_alias,
     frame_delete,
     frame_end,
     frame_events,
     frame_open,
-    take_events,
 )
+from proxy.storage.tail import take_events
 
 logger = logging.getLogger("proxy.storage")
 
@@ -120,6 +119,8 @@ class Log:
         self._read_fds: OrderedDict[int, int] = OrderedDict()
         self._broken = False  # the current segment may hold a torn tail: roll before writing
         self.unsynced: list[Path] = []  # segments recovery scanned: maybe never fsynced
+        self._directory_fd = -1
+        self._directory_dirty = False  # a segment was created since the last directory fsync
         # The write buffer: records framed by `append_*`, written together by `write`.
         self.buf = bytearray()
         self.pending: list[Pending] = []
@@ -369,6 +370,7 @@ class Log:
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | os.O_CLOEXEC
         segment.fd = osio.open(segment.path, flags, 0o600)
         segment.sealed = False
+        self._directory_dirty = True
         if current is not None:
             if current.base == segment.base:  # a broken segment that never took a record
                 os.close(current.fd)
@@ -497,10 +499,24 @@ class Log:
             segment.holders.clear()
         return freed
 
+    def take_directory_fd(self) -> int | None:
+        """The data dir's descriptor when a segment was created since the last call, for the
+        next fsync to cover: a new file's name is durable only once its directory is synced
+        (POSIX; without it a power cut may drop a whole fsynced segment)."""
+        if not self._directory_dirty:
+            return None
+        if self._directory_fd < 0:
+            self._directory_fd = osio.open(self.directory, os.O_RDONLY | os.O_CLOEXEC)
+        self._directory_dirty = False
+        return self._directory_fd
+
     def close(self) -> None:
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
+        if self._directory_fd >= 0:
+            os.close(self._directory_fd)
+            self._directory_fd = -1
         for segment in self.segments.values():
             if segment.fd >= 0:
                 os.close(segment.fd)

@@ -2,34 +2,29 @@
 
 Pure functions over bytes: no files opened, no index kept, no clock read. `log.py` frames
 into its buffer with these and `index.py` turns a scan into runs, so a newcomer changing
-the layout of a record changes this module (and FORMAT.md) alone.
+the layout of a record changes this module (and FORMAT.md) alone. What a record holds of a
+session's meta and of its event ends is encoded by `codec.py`, which the Redis store shares.
 """
 
 from __future__ import annotations
 
 import json
 import struct
-import sys
 import zlib
-from array import array
-from bisect import bisect_right
 from collections.abc import Sequence
-from dataclasses import fields as dataclass_fields
 from typing import Protocol
 
-from proxy.storage.base import SessionMeta
+from proxy.storage.codec import decode_meta, ends_bytes
 
 HEADER = struct.Struct("<IIB")  # crc32 over (length, type, payload), payload length, type
 OPEN, EVENTS, END, DELETE, ALIAS = 1, 2, 3, 4, 5
 RECORD_TYPES = frozenset((OPEN, EVENTS, END, DELETE, ALIAS))
 LENGTH_TYPE = struct.Struct("<IB")
 CRC = struct.Struct("<I")
-U32 = struct.Struct("<I")
 EVENTS_FIXED = struct.Struct("<QIQ")  # first_event, count, arrival_ns
 U64 = struct.Struct("<Q")
 # The smallest limit on one record's payload; a batch is one upstream read, far below it.
 MIN_MAX_RECORD = 16 * 1024 * 1024
-LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 # --- framing ----------------------------------------------------------------------------
@@ -57,15 +52,6 @@ def _frame(buf: bytearray, rtype: int, parts: Sequence[bytes]) -> int:
     return HEADER.size + length
 
 
-def ends_bytes(ends: Sequence[int]) -> bytes:
-    """The packed little-endian u32 array of event end offsets."""
-    packed = ends if isinstance(ends, array) and ends.typecode == "I" else array("I", ends)
-    if not LITTLE_ENDIAN:
-        packed = array("I", packed)
-        packed.byteswap()
-    return packed.tobytes()
-
-
 def frame_events(
     buf: bytearray,
     key: bytes,
@@ -75,30 +61,13 @@ def frame_events(
     data: bytes,
 ) -> int:
     """The hot-path record: framed in one pass (one join, two crc32 calls, one header pack)."""
-    count = len(ends)
-    packed_ends = U32.pack(ends[0]) if count == 1 else ends_bytes(ends)
-    payload = b"".join((key, EVENTS_FIXED.pack(first_event, count, arrival_ns), packed_ends, data))
+    fixed = EVENTS_FIXED.pack(first_event, len(ends), arrival_ns)
+    payload = b"".join((key, fixed, ends_bytes(ends), data))
     length = len(payload)
     crc = zlib.crc32(payload, zlib.crc32(LENGTH_TYPE.pack(length, EVENTS)))
     buf += HEADER.pack(crc, length, EVENTS)
     buf += payload
     return HEADER.size + length
-
-
-def encode_meta(meta: SessionMeta) -> bytes:
-    """JSON of the meta; fields listed by hand because `dataclasses.asdict` deep-copies
-    recursively, which showed up per stream in the relay's profile."""
-    values = {name: getattr(meta, name) for name in _META_FIELDS}
-    return json.dumps(values, separators=(",", ":")).encode()
-
-
-_META_FIELDS = tuple(item.name for item in dataclass_fields(SessionMeta))
-
-
-def decode_meta(raw: bytes) -> SessionMeta:
-    fields = json.loads(raw)
-    fields["headers"] = tuple((str(k), str(v)) for k, v in fields["headers"])
-    return SessionMeta(**fields)
 
 
 def frame_open(buf: bytearray, key: bytes, meta_json: bytes) -> int:
@@ -116,37 +85,6 @@ def frame_delete(buf: bytearray, key: bytes, deleted_ns: int) -> int:
 
 def frame_alias(buf: bytearray, key: bytes, alias: str) -> int:
     return _frame(buf, ALIAS, (key, alias.encode("ascii")))
-
-
-def ends_view(raw: memoryview) -> Sequence[int]:
-    """The u32 end offsets of an EVENTS record, without a copy on little-endian hosts."""
-    if LITTLE_ENDIAN:
-        return raw.cast("I")
-    ends = array("I", raw.tobytes())
-    ends.byteswap()
-    return ends
-
-
-def take_events(
-    ends: Sequence[int], first: int, start_event: int, last_event: int, budget: int, have: int
-) -> tuple[int, int, int]:
-    """Which events of one batch a read returns: (byte start, byte end, event count).
-
-    Events before `start_event` or after `last_event` (the readable end) are left out; whole
-    events are taken while they fit in `budget` bytes, but at least one when the read has
-    none yet (`have` == 0), so a single event larger than the budget still makes progress.
-    """
-    skip = start_event - first if start_event > first else 0
-    stop = min(len(ends), last_event - first + 1)
-    if skip >= stop:
-        return 0, 0, 0
-    lo = ends[skip - 1] if skip else 0
-    fit = bisect_right(ends, lo + budget, skip, stop)
-    if fit == skip:
-        if have:
-            return lo, lo, 0
-        fit = skip + 1
-    return lo, ends[fit - 1], fit - skip
 
 
 # --- scanning ---------------------------------------------------------------------------

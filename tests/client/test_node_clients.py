@@ -8,18 +8,19 @@ Each script runs in Node as a child process while the proxy serves in this test'
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.helpers import CUT, RunningProxy, ScriptedUpstream, make_config, run_proxy
+from proxy.config import Config
+from tests.helpers import CUT, RunningProxy, ScriptedUpstream, run_proxy
 
 from .middlebox import cutting
 from .node import Workspace, require_node
-from .test_transport import API_KEY, PROMPT, logged_events, upstream_calls
+from .test_transport import API_KEY, PROMPT, chunk_event, logged_events, upstream_calls
 
 # Per connection: mid-event in the first response, then mid-event in a resume, inside a
 # resume's headers, and twice more in bodies.
@@ -31,18 +32,20 @@ async def workspace(tmp_path: Path) -> Workspace:
     return Workspace(tmp_path / "node", require_node())
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path) -> AsyncIterator[RunningProxy]:
-    config = make_config(tmp_path / "data", "mock", **{"mock.tokens": 40, "mock.interval_ms": 5})
-    async with run_proxy(config) as running:
-        yield running
-
-
 async def run_json(workspace: Workspace, script: str, **env: str) -> dict[str, Any]:
     result = await workspace.run(script, env=env)
     assert result.returncode == 0, result.stderr
     output: dict[str, Any] = json.loads(result.stdout)
     return output
+
+
+async def openai_chat(workspace: Workspace, url: str, **env: str) -> dict[str, Any]:
+    """openai-node's chat stream of PROMPT through `url` (with resumingFetch unless
+    RESUMING="0"): its chunks, session id, and the error it ended with, if any."""
+    return await run_json(
+        workspace, "tests/client/js/openai_chat.mjs", PROXY_URL=url, API_KEY=API_KEY,
+        PROMPT=PROMPT, **env,
+    )  # fmt: skip
 
 
 async def direct_answer(proxy: RunningProxy, prompt: str) -> str:
@@ -60,10 +63,7 @@ async def test_openai_node_with_resuming_fetch_survives_repeated_cuts_with_one_u
     proxy: RunningProxy, workspace: Workspace
 ) -> None:
     async with cutting(proxy.url, CUTS) as box:
-        out = await run_json(
-            workspace, "tests/client/js/openai_chat.mjs", PROXY_URL=box.url, API_KEY=API_KEY,
-            PROMPT=PROMPT,
-        )  # fmt: skip
+        out = await openai_chat(workspace, box.url)
     assert "error" not in out, out
     assert len(box.cut_connections()) == len(CUTS)
     assert any(c.body and not c.body.endswith(b"\n\n") for c in box.cut_connections())
@@ -76,31 +76,20 @@ async def test_openai_node_without_resuming_fetch_sees_the_cut(
     proxy: RunningProxy, workspace: Workspace
 ) -> None:
     async with cutting(proxy.url, CUTS) as box:
-        out = await run_json(
-            workspace, "tests/client/js/openai_chat.mjs", PROXY_URL=box.url, API_KEY=API_KEY,
-            PROMPT=PROMPT, RESUMING="0",
-        )  # fmt: skip
+        out = await openai_chat(workspace, box.url, RESUMING="0")
     assert "error" in out and out["error"]["name"] != "APIError"
     assert len(box.connections) == 1
 
 
 async def test_openai_node_sees_a_failed_session_as_api_error_after_a_resume(
-    tmp_path: Path, upstream: ScriptedUpstream, workspace: Workspace
+    config_for: Callable[..., Config], upstream: ScriptedUpstream, workspace: Workspace
 ) -> None:
-    events = [
-        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
-        b'"choices":[{"index":0,"delta":{"content":"%d "},"finish_reason":null}]}\n\n' % i
-        for i in range(6)
-    ]
-    upstream.script = [*events, 0.3, CUT]
+    upstream.script = [*(chunk_event(i) for i in range(6)), 0.3, CUT]
     async with (
-        run_proxy(make_config(tmp_path / "data", upstream.url)) as proxy,
+        run_proxy(config_for(upstream.url)) as proxy,
         cutting(proxy.url, [700]) as box,
     ):
-        out = await run_json(
-            workspace, "tests/client/js/openai_chat.mjs", PROXY_URL=box.url, API_KEY=API_KEY,
-            PROMPT=PROMPT,
-        )  # fmt: skip
+        out = await openai_chat(workspace, box.url)
     assert out["error"]["name"] == "APIError", out
     assert "failed" in out["error"]["message"]
     assert [c["choices"][0]["delta"]["content"] for c in out["chunks"]] == [
@@ -175,9 +164,9 @@ async def test_vercel_stream_text_survives_cuts(proxy: RunningProxy, workspace: 
 
 
 async def test_use_chat_resume_recipe_replays_the_answer_instead_of_calling_the_model(
-    tmp_path: Path, workspace: Workspace
+    config_for: Callable[..., Config], workspace: Workspace
 ) -> None:
-    config = make_config(tmp_path / "data", "mock", **{"mock.tokens": 60, "mock.interval_ms": 20})
+    config = config_for(**{"mock.tokens": 60, "mock.interval_ms": 20})
     async with run_proxy(config) as proxy:
         out = await run_json(
             workspace, "tests/client/js/use_chat_resume.mjs", PROXY_URL=proxy.url,

@@ -14,7 +14,7 @@ import json
 import random
 import statistics
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 
 from proxy.client import AsyncResumingTransport, ResumingTransport
 from proxy.client.transport import _Policy, _Splice
+from proxy.config import Config
 from tests.helpers import (
     CUT,
     ProxyProcess,
     RunningProxy,
     ScriptedUpstream,
     free_port,
-    make_config,
     run_proxy,
 )
 
@@ -50,11 +50,23 @@ CUTS = [1500, 777, 60, 2222, 150, 3001]
 HTTP_MODULES = {"httpx": httpx, "httpx2": httpx2}
 
 
-@pytest.fixture
-async def proxy(tmp_path: Path) -> AsyncIterator[RunningProxy]:
-    config = make_config(tmp_path / "data", "mock", **{"mock.tokens": 40, "mock.interval_ms": 5})
-    async with run_proxy(config) as running:
-        yield running
+def chunk_event(i: int) -> bytes:
+    """A chat chunk of the OpenAI shape whose content is `<i> `."""
+    return (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"%d "},"finish_reason":null}]}\n\n' % i
+    )
+
+
+def read_contents(url: str, module: Any, seen: list[str]) -> None:
+    """The contents of a chat stream read through ResumingTransport on `module`'s client,
+    into `seen` as they come (so what the app had shown is there when the SDK raises)."""
+    with openai.OpenAI(
+        base_url=url + "/v1",
+        api_key=API_KEY,
+        http_client=module.Client(transport=ResumingTransport()),
+    ) as client:
+        seen.extend(chunk.choices[0].delta.content for chunk in create_stream(client, "chat"))
 
 
 async def upstream_calls(proxy: RunningProxy) -> int:
@@ -173,12 +185,12 @@ async def test_without_the_transport_the_same_cut_reaches_the_app(
 
 
 async def test_a_stream_survives_dozens_of_cuts_and_a_resume_costs_milliseconds(
-    tmp_path: Path,
+    config_for: Callable[..., Config],
 ) -> None:
     """Every connection is cut: most after 300-1500 bytes, every fifth inside the headers."""
     rng = random.Random(6)
     cuts = [40 if i % 5 == 4 else rng.randint(300, 1500) for i in range(400)]
-    config = make_config(tmp_path / "data", "mock", **{"mock.tokens": 200, "mock.interval_ms": 2})
+    config = config_for(**{"mock.tokens": 200, "mock.interval_ms": 2})
     async with run_proxy(config) as proxy, middlebox(proxy.url, cuts) as box:
         session_id, chunks = await run_sdk(box.url, "httpx2-async", "chat")
         assert chunks == await logged_events(proxy, session_id)
@@ -204,33 +216,16 @@ async def test_a_stream_survives_dozens_of_cuts_and_a_resume_costs_milliseconds(
 
 
 async def test_a_failed_session_surfaces_as_api_error_after_a_resume(
-    tmp_path: Path, upstream: ScriptedUpstream
+    config_for: Callable[..., Config], upstream: ScriptedUpstream
 ) -> None:
-    events = [
-        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
-        b'"choices":[{"index":0,"delta":{"content":"%d "},"finish_reason":null}]}\n\n' % i
-        for i in range(6)
-    ]
-    upstream.script = [*events, 0.3, CUT]
+    upstream.script = [*(chunk_event(i) for i in range(6)), 0.3, CUT]
     async with (
-        run_proxy(make_config(tmp_path / "data", upstream.url)) as proxy,
+        run_proxy(config_for(upstream.url)) as proxy,
         middlebox(proxy.url, [700]) as box,
     ):
         seen: list[str] = []
-
-        def read() -> None:
-            transport = ResumingTransport()
-            with openai.OpenAI(
-                base_url=box.url + "/v1",
-                api_key=API_KEY,
-                http_client=httpx2.Client(transport=transport),
-            ) as client:
-                seen.extend(
-                    chunk.choices[0].delta.content for chunk in create_stream(client, "chat")
-                )
-
         with pytest.raises(openai.APIError) as raised:
-            await asyncio.to_thread(read)
+            await asyncio.to_thread(read_contents, box.url, httpx2, seen)
     assert "failed" in str(raised.value)
     assert seen == [f"{i} " for i in range(6)]
     assert box.cut_connections() and upstream.calls == 1
@@ -333,15 +328,8 @@ def test_splice_passes_only_whole_events_for_any_split(events: list[bytes], data
     assert passed + splice.finish() == stream
 
 
-def chunk_event(i: int) -> bytes:
-    return (
-        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
-        b'"choices":[{"index":0,"delta":{"content":"%d "},"finish_reason":null}]}\n\n' % i
-    )
-
-
 async def test_a_session_cancelled_while_the_transport_resumes_surfaces_as_api_error(
-    tmp_path: Path, upstream: ScriptedUpstream
+    config_for: Callable[..., Config], upstream: ScriptedUpstream
 ) -> None:
     """The connection drops mid-stream; by the time the transport has resumed, the session
     is cancelled (POST /sessions/{id}/cancel from elsewhere): the SDK raises APIError."""
@@ -357,40 +345,29 @@ async def test_a_session_cancelled_while_the_transport_resumes_surfaces_as_api_e
     later = [step for i in range(6, 100) for step in (0.05, chunk_event(i))]  # never sent
     upstream.script = [*(chunk_event(i) for i in range(6)), 0.5, cancel_it, *later]
     async with (
-        run_proxy(make_config(tmp_path / "data", upstream.url)) as proxy,
+        run_proxy(config_for(upstream.url)) as proxy,
         middlebox(proxy.url, [700]) as box,
     ):
         proxy_url.append(proxy.url)
         seen: list[str] = []
-
-        def read() -> None:
-            transport = ResumingTransport()
-            with openai.OpenAI(
-                base_url=box.url + "/v1",
-                api_key=API_KEY,
-                http_client=httpx.Client(transport=transport),
-            ) as client:
-                seen.extend(
-                    chunk.choices[0].delta.content for chunk in create_stream(client, "chat")
-                )
-
         with pytest.raises(openai.APIError) as raised:
-            await asyncio.to_thread(read)
+            await asyncio.to_thread(read_contents, box.url, httpx, seen)
     assert raised.value.code == "cancelled"
     assert seen == [f"{i} " for i in range(6)]
     assert len(box.cut_connections()) == 1 and upstream.calls == 1
 
 
 def test_a_session_interrupted_by_a_kill9_surfaces_as_api_error_after_the_restart(
-    tmp_path: Path,
+    proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
     """kill -9 of the proxy mid-stream, restarted on the same port and data dir: the
     transport resumes from the restarted proxy, replays the rest of what was logged and
     then the `interrupted` event, which the SDK raises as APIError."""
     port = free_port()
     data_dir = tmp_path / "data"
-    first = ProxyProcess(data_dir, port=port).start()
+    first = ProxyProcess(data_dir, port=port)
     again = ProxyProcess(data_dir, port=port)
+    proxies.extend([first.start(), again])
     got_some = threading.Event()
     seen: list[str] = []
 
@@ -413,19 +390,15 @@ def test_a_session_interrupted_by_a_kill9_surfaces_as_api_error_after_the_restar
                 if len(seen) == 10:
                     got_some.set()
 
-    try:
-        reader = ThreadPoolExecutor(1).submit(read)
-        assert got_some.wait(30)
-        first.kill()
-        again.start()
-        with pytest.raises(openai.APIError) as raised:
-            reader.result(60)
-        replay = httpx.get(
-            f"{again.url}/sessions", headers={"Authorization": f"Bearer {API_KEY}"}
-        ).json()["data"]
-    finally:
-        first.kill()
-        again.kill()
+    reader = ThreadPoolExecutor(1).submit(read)
+    assert got_some.wait(30)
+    first.kill()
+    again.start()
+    with pytest.raises(openai.APIError) as raised:
+        reader.result(60)
+    replay = httpx.get(
+        f"{again.url}/sessions", headers={"Authorization": f"Bearer {API_KEY}"}
+    ).json()["data"]
     assert raised.value.code == "interrupted"
     assert len(seen) >= 10
     assert [session["state"] for session in replay] == ["interrupted"]

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..helpers import dechunk
+
 
 @dataclass(frozen=True, slots=True)
 class RawResponse:
@@ -29,18 +31,6 @@ class RawResponse:
 
     def json(self) -> Any:
         return json.loads(self.body)
-
-
-def _dechunk(body: bytes) -> bytes:
-    out = bytearray()
-    while body:
-        size_line, _, rest = body.partition(b"\r\n")
-        size = int(size_line.split(b";")[0], 16)
-        if size == 0:
-            break
-        out += rest[:size]
-        body = rest[size + 2 :]
-    return bytes(out)
 
 
 def _complete(received: bytes, head_request: bool) -> bool:
@@ -81,7 +71,7 @@ def exchange(port: int, request: bytes, timeout: float = 10.0) -> RawResponse:
     headers = [(name, value.strip()) for name, _, value in (line.partition(":") for line in lines)]
     response = RawResponse(int(status_line.split(" ")[1]), headers, body)
     if (response.header("Transfer-Encoding") or "").lower() == "chunked":
-        response = RawResponse(response.status, headers, _dechunk(body))
+        response = RawResponse(response.status, headers, dechunk(body))
     return response
 
 

@@ -64,6 +64,12 @@ class RawUpstream:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
+    async def __aenter__(self) -> RawUpstream:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     async def stop(self) -> None:
         assert self._server is not None
         self._server.close()

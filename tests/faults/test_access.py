@@ -59,6 +59,14 @@ async def start_live(http: aiohttp.ClientSession, url: str) -> tuple[str, aiohtt
     return response.headers["X-Resume-Session-Id"], response
 
 
+async def finished(http: aiohttp.ClientSession, url: str, tokens: int) -> tuple[str, bytes]:
+    """A session of the owner's, read to its end: its id and what its client got."""
+    async with http.post(
+        url + "/v1/chat/completions", json=mock_stream_body(tokens, 0), headers=headers_for(OWNER)
+    ) as response:
+        return response.headers["X-Resume-Session-Id"], await response.read()
+
+
 async def answer(
     http: aiohttp.ClientSession, url: str, method: str, path: str, credential: str | None
 ) -> tuple[int, bytes]:
@@ -76,12 +84,7 @@ async def test_every_owned_path_answers_404_to_a_stranger_and_changes_nothing(
 ) -> None:
     attempts = 0
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.url + "/v1/chat/completions",
-            json=mock_stream_body(5, 0),
-            headers=headers_for(OWNER),
-        ) as response:
-            done_id, done = response.headers["X-Resume-Session-Id"], await response.read()
+        done_id, done = await finished(http, proxy.url, 5)
         live_id, live = await start_live(http, proxy.url)
         for credential in STRANGERS:
             for session_id in (done_id, live_id):
@@ -125,13 +128,7 @@ async def test_a_strangers_attempts_log_nothing_that_tells_a_real_id_from_a_ghos
     config: Config, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.url + "/v1/chat/completions",
-            json=mock_stream_body(5, 0),
-            headers=headers_for(OWNER),
-        ) as response:
-            session_id = response.headers["X-Resume-Session-Id"]
-            await response.read()
+        session_id, _ = await finished(http, proxy.url, 5)
         logs: dict[str, list[str]] = {}
         for probed in (session_id, GHOST):
             caplog.clear()
@@ -148,13 +145,7 @@ async def test_metrics_carry_no_session_id_or_credential(config: Config) -> None
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
         ids = []
         for tokens in (3, 0):
-            async with http.post(
-                proxy.url + "/v1/chat/completions",
-                json=mock_stream_body(tokens, 0),
-                headers=headers_for(OWNER),
-            ) as response:
-                ids.append(response.headers["X-Resume-Session-Id"])
-                await response.read()
+            ids.append((await finished(http, proxy.url, tokens))[0])
         live_id, live = await start_live(http, proxy.url)
         ids.append(live_id)
         for method, path in owned_requests(live_id):
@@ -179,13 +170,7 @@ async def test_admin_list_takes_exactly_its_token_compared_in_constant_time(
 
     monkeypatch.setattr(access.hmac, "compare_digest", spy)
     async with run_proxy(config) as proxy, aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.url + "/v1/chat/completions",
-            json=mock_stream_body(3, 0),
-            headers=headers_for(OWNER),
-        ) as response:
-            session_id = response.headers["X-Resume-Session-Id"]
-            await response.read()
+        session_id, _ = await finished(http, proxy.url, 3)
         for credential in STRANGERS:
             compared.clear()
             _, body = await answer(http, proxy.url, "GET", "/sessions", credential)
@@ -200,13 +185,7 @@ async def test_without_an_admin_token_no_bearer_value_lists_everything(
     config_for: Callable[..., Config],
 ) -> None:
     async with run_proxy(config_for()) as proxy, aiohttp.ClientSession() as http:
-        async with http.post(
-            proxy.url + "/v1/chat/completions",
-            json=mock_stream_body(3, 0),
-            headers=headers_for(OWNER),
-        ) as response:
-            session_id = response.headers["X-Resume-Session-Id"]
-            await response.read()
+        session_id, _ = await finished(http, proxy.url, 3)
         for credential in ["Bearer ", "Bearer", "Bearer None", "Bearer null", ""]:
             _, body = await answer(http, proxy.url, "GET", "/sessions", credential)
             assert session_id.encode() not in body, credential

@@ -82,7 +82,7 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     )
     canary = Canary()
     with ThreadedProxy(config) as proxy:
-        port = int(proxy.url.rsplit(":", 1)[1])
+        port = proxy.port
         body = b'{"model":"m","messages":[],"stream":true,"mock_tokens":5,"mock_interval_ms":0}'
         created = exchange(port, request_bytes(b"POST", b"/v1/chat/completions", [AUTH], body))
         session_id = created.header("X-Resume-Session-Id")

@@ -34,10 +34,6 @@ LOW_SOFT_LIMIT = (
 )
 
 
-def port_of(url: str) -> int:
-    return int(url.rsplit(":", 1)[1])
-
-
 async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, object], bytes]:
     """Status, JSON body, and whatever follows it before the server closes (b"" if it did)."""
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
@@ -52,7 +48,7 @@ async def test_a_body_trickled_past_body_timeout_gets_408_and_a_closed_connectio
 ) -> None:
     config = config_for(upstream.url, **{"server.body_timeout": "300ms"})
     async with run_proxy(config) as proxy:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy.url))
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         try:
             writer.write(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
@@ -75,7 +71,7 @@ async def test_connections_past_max_connections_get_503_logged_once_then_room_ag
 ) -> None:
     config = config_for(**{"server.max_connections": "5"})
     async with run_proxy(config) as proxy:
-        port = port_of(proxy.url)
+        port = proxy.port
         held = []
         for _ in range(5):  # idle connections that never finish their request head
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -106,21 +102,19 @@ async def test_connections_past_max_connections_get_503_logged_once_then_room_ag
     assert len(reached) == 1  # once per burst, not once per connection
 
 
-def test_start_up_raises_the_soft_open_file_limit_to_the_hard_one(tmp_path: Path) -> None:
+def test_start_up_raises_the_soft_open_file_limit_to_the_hard_one(
+    proxies: list[ProxyProcess], tmp_path: Path
+) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
         pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
-    proxy = ProxyProcess(
-        tmp_path / "data", command_prefix=[sys.executable, "-c", LOW_SOFT_LIMIT]
-    ).start()
-    try:
-        assert proxy.process is not None
-        limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
-        line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
-        now_soft, now_hard = line.split()[3:5]
-        assert now_soft == now_hard != "256"
-        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
-            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert sock.recv(12) == b"HTTP/1.1 200"
-    finally:
-        proxy.kill()
+    proxy = ProxyProcess(tmp_path / "data", command_prefix=[sys.executable, "-c", LOW_SOFT_LIMIT])
+    proxies.append(proxy.start())
+    assert proxy.process is not None
+    limits = Path(f"/proc/{proxy.process.pid}/limits").read_text()
+    line = next(row for row in limits.splitlines() if row.startswith("Max open files"))
+    now_soft, now_hard = line.split()[3:5]
+    assert now_soft == now_hard != "256"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(12) == b"HTTP/1.1 200"

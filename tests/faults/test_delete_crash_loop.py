@@ -193,20 +193,28 @@ async def test_kill9_inside_retention_passes_leaves_every_session_whole_or_gone(
     assert gone and checked  # passes evicted sessions, and others were still there
 
 
+def traced_proxy(
+    proxies: list[ProxyProcess], tmp_path: Path, config_yaml: str
+) -> tuple[ProxyProcess, Path]:
+    """The proxy as a process under strace with `config_yaml`, and where the trace goes."""
+    trace = tmp_path / "strace.txt"
+    config = tmp_path / "proxy.yaml"
+    config.write_text(config_yaml)
+    proxy = ProxyProcess(
+        tmp_path / "data", extra_args=["--config", str(config)], command_prefix=strace_prefix(trace)
+    )
+    proxies.append(proxy)
+    proxy.start(timeout=60)
+    return proxy, trace
+
+
 async def test_a_delete_is_written_and_fsynced_before_its_200_and_any_unlink(
     proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
     """The order of system calls, not the luck of a kill: the DELETE record's write, then an
     fsync (under the default `fsync: interval`), then the segments it frees are unlinked,
     then the 200 goes out."""
-    trace = tmp_path / "strace.txt"
-    config = tmp_path / "proxy.yaml"
-    config.write_text("storage:\n  segment_bytes: 64KiB\n")
-    proxy = ProxyProcess(
-        tmp_path / "data", extra_args=["--config", str(config)], command_prefix=strace_prefix(trace)
-    )
-    proxies.append(proxy)
-    proxy.start(timeout=60)
+    proxy, trace = traced_proxy(proxies, tmp_path, "storage:\n  segment_bytes: 64KiB\n")
     assert proxy.process is not None
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
         made = [await create(http, proxy.url, 2000) for _ in range(3)]
@@ -230,14 +238,9 @@ async def test_a_delete_is_written_and_fsynced_before_its_200_and_any_unlink(
 async def test_retention_fsyncs_its_delete_records_before_it_unlinks_a_segment(
     proxies: list[ProxyProcess], tmp_path: Path
 ) -> None:
-    trace = tmp_path / "strace.txt"
-    config = tmp_path / "proxy.yaml"
-    config.write_text("storage:\n  segment_bytes: 64KiB\n  retention:\n    ttl: 1s\n")
-    proxy = ProxyProcess(
-        tmp_path / "data", extra_args=["--config", str(config)], command_prefix=strace_prefix(trace)
+    proxy, trace = traced_proxy(
+        proxies, tmp_path, "storage:\n  segment_bytes: 64KiB\n  retention:\n    ttl: 1s\n"
     )
-    proxies.append(proxy)
-    proxy.start(timeout=60)
     assert proxy.process is not None
     connector = aiohttp.TCPConnector(limit=50)
     async with aiohttp.ClientSession(

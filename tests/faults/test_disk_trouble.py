@@ -28,7 +28,7 @@ from proxy.config import Config
 from proxy.storage import disk as disk_module
 from proxy.storage import log as log_module
 
-from ..helpers import ProxyProcess, event_ids, mock_stream_body, run_proxy
+from ..helpers import ProxyProcess, aread_events, event_ids, mock_stream_body, run_proxy
 from .figures import record
 
 AUTH = {"Authorization": "Bearer sk-disk"}
@@ -191,54 +191,46 @@ async def test_real_full_tmpfs_ends_streams_where_the_log_stopped_and_healthz_re
 
 
 async def test_kill9_after_the_disk_filled_keeps_every_event_a_client_was_shown(
-    tmpfs: Path, tmp_path: Path
+    tmpfs: Path, proxies: list[ProxyProcess]
 ) -> None:
     """The proxy as a real process on a 1 MiB tmpfs: the disk fills under a long stream
     (the filler written beside it), its client reads to the end, the proxy is killed -9 and
     restarted with the space freed: the log holds exactly what the client was shown."""
     proxy = ProxyProcess(tmpfs)
-    try:
-        proxy.start()
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
-            body = mock_stream_body(5000, 1)
-            async with http.post(
-                proxy.url + "/v1/chat/completions", json=body, headers=AUTH
-            ) as response:
-                session_id = response.headers["X-Resume-Session-Id"]
-                seen = b""
-                while seen.count(b"\n\n") < 20:
-                    seen += await response.content.readany()
-                filler = fill(tmpfs)
-                seen += await response.read()
-            shown = ended_failed_after_what_was_logged(seen)
-            assert len(shown) >= 20
-            proxy.kill()
-            filler.unlink()
-            again = ProxyProcess(tmpfs)
-            try:
-                again.start()
-                async with http.get(f"{again.url}/sessions/{session_id}", headers=AUTH) as r:
-                    info = await r.json()
-                async with http.get(f"{again.url}/sessions/{session_id}/events", headers=AUTH) as r:
-                    replayed = await r.read()
-            finally:
-                again.kill()
-    finally:
+    proxies.append(proxy.start())
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        body = mock_stream_body(5000, 1)
+        async with http.post(
+            proxy.url + "/v1/chat/completions", json=body, headers=AUTH
+        ) as response:
+            session_id = response.headers["X-Resume-Session-Id"]
+            seen = await aread_events(response, 20)
+            filler = fill(tmpfs)
+            seen += await response.read()
+        shown = ended_failed_after_what_was_logged(seen)
+        assert len(shown) >= 20
         proxy.kill()
+        filler.unlink()
+        again = ProxyProcess(tmpfs)
+        proxies.append(again.start())
+        async with http.get(f"{again.url}/sessions/{session_id}", headers=AUTH) as r:
+            info = await r.json()
+        async with http.get(f"{again.url}/sessions/{session_id}/events", headers=AUTH) as r:
+            replayed = await r.read()
     assert event_ids(replayed)[: len(shown)] == shown
     assert replayed.startswith(seen[: seen.rindex(b'data: {"error"')])  # byte for byte
     assert info["events"] >= len(shown)
     record("disk_full_kill9", events_shown=len(shown), events_logged=info["events"])
 
 
-def test_read_only_data_dir_stops_start_up_with_one_clear_line(tmpfs: Path) -> None:
+def test_read_only_data_dir_stops_start_up_with_one_clear_line(
+    tmpfs: Path, proxies: list[ProxyProcess]
+) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
     proxy = ProxyProcess(tmpfs)  # its log goes beside the data dir, outside the mount
+    proxies.append(proxy)
     with pytest.raises(RuntimeError, match="exited at start-up") as failure:
-        try:
-            proxy.start()
-        finally:
-            proxy.kill()
+        proxy.start()
     errors = [line for line in str(failure.value).splitlines() if line.startswith("error:")]
     assert errors == [f"error: storage: cannot open data dir {tmpfs}: Read-only file system"]
 

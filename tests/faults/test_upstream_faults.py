@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from proxy.config import Config
 from proxy.sse import MAX_EVENT_BYTES, MalformedStream, SSEFramer
 
-from ..helpers import event_ids, run_proxy
+from ..helpers import event_ids, frame, run_proxy, split_at
 from .figures import record
 from .raw_upstream import LAST_CHUNK, SSE_HEAD, RawUpstream, Route, chunk, paced_stream, sse_event
 
@@ -222,13 +222,6 @@ async def test_upstream_fault_ends_in_contract_state_and_a_stream_beside_it_is_w
     )
 
 
-def framed(pieces: list[bytes]) -> tuple[bytes, bool]:
-    framer = SSEFramer()
-    out = [framer.feed(piece)[0] for piece in pieces]
-    rest, _, clean = framer.finish()
-    return b"".join(out) + rest, clean
-
-
 long_line = st.integers(min_value=60_000, max_value=150_000).map(lambda n: b"data: " + b"x" * n)
 short_line = st.sampled_from([b"data: a", b": comment", b"id: 7", b"", b"event: e"])
 
@@ -243,9 +236,7 @@ def test_events_longer_than_a_read_frame_the_same_under_any_split(
     lines: list[bytes], eol: bytes, cuts: list[int]
 ) -> None:
     data = eol.join(lines) + eol + eol
-    points = sorted({cut % (len(data) + 1) for cut in cuts})
-    pieces = [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
-    assert framed(pieces) == framed([data])
+    assert frame(split_at(data, cuts)) == frame([data])
 
 
 def test_a_line_past_the_limit_in_small_reads_is_rejected_at_the_limit() -> None:
@@ -276,6 +267,23 @@ def gzip_stream(body: bytes) -> Route:
     return route
 
 
+async def gzip_session(
+    config_for: Callable[..., Config], packed: bytes, timeout: float
+) -> tuple[aiohttp.ClientResponse, bytes, dict[str, Any]]:
+    """The answer (relayed as it came, not inflated by the client) to a request whose
+    upstream sends `packed` as one gzip body, and then its session's JSON."""
+    async with (
+        RawUpstream({"/fault": gzip_stream(packed)}) as upstream,
+        run_proxy(config_for(upstream.url)) as proxy,
+        aiohttp.ClientSession(auto_decompress=False) as http,
+    ):
+        async with asyncio.timeout(timeout):
+            response, body = await read_fault(http, proxy.url)
+        session_id = response.headers["X-Resume-Session-Id"]
+        async with http.get(f"{proxy.url}/sessions/{session_id}", headers=FAULT_AUTH) as r:
+            return response, body, await r.json()
+
+
 async def test_a_gzip_read_inflating_far_past_the_largest_record_is_relayed_and_logged_whole(
     config_for: Callable[..., Config],
 ) -> None:
@@ -285,17 +293,7 @@ async def test_a_gzip_read_inflating_far_past_the_largest_record_is_relayed_and_
     plain = GZIP_BOMB
     packed = gzip.compress(plain, 9)
     assert len(packed) < 64 * 1024 and len(plain) > 40 * 10**6
-    upstream = await RawUpstream({"/fault": gzip_stream(packed)}).start()
-    try:
-        async with run_proxy(config_for(upstream.url)) as proxy:
-            async with aiohttp.ClientSession(auto_decompress=False) as http:
-                async with asyncio.timeout(60):
-                    response, body = await read_fault(http, proxy.url)
-                session_id = response.headers["X-Resume-Session-Id"]
-                async with http.get(f"{proxy.url}/sessions/{session_id}", headers=FAULT_AUTH) as r:
-                    info = await r.json()
-    finally:
-        await upstream.stop()
+    response, body, info = await gzip_session(config_for, packed, timeout=60)
     assert response.status == 200 and "Content-Encoding" not in response.headers
     expected, _ = SSEFramer().feed(plain)
     assert body == expected  # every event, numbered, decoded
@@ -306,17 +304,7 @@ async def test_gzip_that_does_not_inflate_ends_the_session_failed(
     config_for: Callable[..., Config],
 ) -> None:
     broken = gzip.compress(sse_event(0) * 50)[:40] + b"\x00not deflate at all" * 20
-    upstream = await RawUpstream({"/fault": gzip_stream(broken)}).start()
-    try:
-        async with run_proxy(config_for(upstream.url)) as proxy:
-            async with aiohttp.ClientSession(auto_decompress=False) as http:
-                async with asyncio.timeout(30):
-                    response, body = await read_fault(http, proxy.url)
-                session_id = response.headers["X-Resume-Session-Id"]
-                async with http.get(f"{proxy.url}/sessions/{session_id}", headers=FAULT_AUTH) as r:
-                    info = await r.json()
-    finally:
-        await upstream.stop()
+    _, body, info = await gzip_session(config_for, broken, timeout=30)
     assert info["state"] == "failed" and "does not inflate" in info["reason"]
     final = json.loads(body[body.rindex(b'data: {"error"') + 6 :])
     assert final["error"]["code"] == "failed"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import os
 import random
+import stat
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -70,6 +72,13 @@ def make_store(tmp_path: Path) -> AsyncIterator[Callable[..., DiskStore]]:
 async def append_events(store: DiskStore, session_id: str, first: int, count: int) -> None:
     data, ends = batch(session_id, first, count)
     store.append(session_id, first, data, ends, 1000 + first)
+
+
+async def append_one_per_turn(store: DiskStore, session_id: str, last: int) -> None:
+    """Events 1 to `last`, one append each, with a turn of the event loop between them."""
+    for number in range(1, last + 1):
+        await append_events(store, session_id, number, 1)
+        await asyncio.sleep(0)
 
 
 async def test_events_are_readable_by_position_with_their_arrivals(
@@ -183,7 +192,10 @@ async def test_always_wakes_readers_only_after_one_group_fsync(
     await asyncio.wait_for(waiting, 5)
     await store.flush()
     assert all(info.events == 1 for info in infos)
-    assert len(calls) == 1  # fifty appends in one loop turn, one fsync
+    # Fifty appends in one loop turn, one fsync of the segment, and (the first segment was
+    # just created) of the data dir in the same group commit.
+    assert len(calls) == 2
+    assert stat.S_ISREG(os.fstat(calls[0]).st_mode) and stat.S_ISDIR(os.fstat(calls[1]).st_mode)
 
     calls.clear()
 
@@ -299,9 +311,7 @@ async def test_delete_forgets_at_once_wakes_readers_and_reclaims_segments(
     store = make_store(fsync="never", segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-gone"))
-    for number in range(1, 80):
-        await append_events(store, "session-gone", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-gone", 79)
     await store.flush()
     store.create(make_meta("session-stay"))
     await append_events(store, "session-stay", 1, 1)
@@ -414,9 +424,7 @@ async def test_delete_returns_only_once_its_record_is_fsynced_even_under_interva
     store = make_store(fsync="interval", fsync_interval_ms=3_600_000, segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-gone"))
-    for number in range(1, 80):
-        await append_events(store, "session-gone", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-gone", 79)
     store.end("session-gone", COMPLETE, "", 5)
     await store.flush()
     steps: list[str] = []
@@ -444,9 +452,7 @@ async def test_a_delete_the_disk_refuses_raises_and_forgets_nothing(
     store = make_store(fsync="never", segment_bytes=2048)
     await store.start()
     store.create(make_meta("session-kept"))
-    for number in range(1, 80):
-        await append_events(store, "session-kept", number, 1)
-        await asyncio.sleep(0)
+    await append_one_per_turn(store, "session-kept", 79)
     store.end("session-kept", COMPLETE, "", 5)
     await store.flush()
     segments = sorted(Path(store._directory).glob("*.log"))

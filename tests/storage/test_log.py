@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from proxy.storage.base import SessionMeta, StorageError
 from proxy.storage.index import decode_index, encode_index, scan_segment
 from proxy.storage.log import Log, segment_name
-from proxy.storage.records import EVENTS_FIXED, HEADER, take_events
+from proxy.storage.records import EVENTS_FIXED, HEADER
+from proxy.storage.tail import take_events
 
 
 def make_meta(session_id: str) -> SessionMeta:

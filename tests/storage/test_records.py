@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from proxy.storage.base import SessionMeta
+from proxy.storage.codec import encode_meta
 from proxy.storage.index import decode_index, encode_index, scan_runs
 from proxy.storage.log import Log
 from proxy.storage.records import (
     HEADER,
     MIN_MAX_RECORD,
-    encode_meta,
     frame_alias,
     frame_end,
     frame_events,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +77,17 @@ async def write_session(
     return Written(directory, records, alias)
 
 
-async def surviving_events(directory: Path) -> tuple[list[int], DiskStore]:
+@contextlib.asynccontextmanager
+async def recovered(directory: Path) -> AsyncIterator[tuple[list[int], DiskStore]]:
+    """The store reopened on `directory` (its start is the recovery), and the events of
+    SESSION that survived; closed afterwards."""
     store = DiskStore(StorageConfig(dir=directory, fsync="never"))
     await store.start()
-    arrivals = await store.arrivals(SESSION)
-    return [first for first, _, _ in arrivals], store
+    try:
+        arrivals = await store.arrivals(SESSION)
+        yield [first for first, _, _ in arrivals], store
+    finally:
+        await store.close()
 
 
 def flip(path: Path, offset: int) -> None:
@@ -143,8 +150,7 @@ async def test_damaged_newest_segment_recovers_exactly_the_whole_records(
 ) -> None:
     written = await write_session(tmp_path, 10)
     damage(written)
-    events, store = await surviving_events(tmp_path)
-    try:
+    async with recovered(tmp_path) as (events, store):
         assert events == survivors
         info = await store.get(SESSION)
         assert info is not None
@@ -154,8 +160,6 @@ async def test_damaged_newest_segment_recovers_exactly_the_whole_records(
         data, count = await store.read(SESSION, 1, 1 << 20)
         assert count == len(survivors)
         assert data == b"".join(event(n) for n in survivors)
-    finally:
-        await store.close()
 
 
 def alias_record(w: Written) -> tuple[Path, int, int]:
@@ -208,8 +212,7 @@ async def test_damaged_alias_record_recovers_exactly_the_whole_records(
 ) -> None:
     written = await write_session(tmp_path, 10, alias_after=5)
     damage(written)
-    events, store = await surviving_events(tmp_path)
-    try:
+    async with recovered(tmp_path) as (events, store):
         assert events == survivors
         info = await store.get(SESSION)
         assert info is not None
@@ -217,8 +220,6 @@ async def test_damaged_alias_record_recovers_exactly_the_whole_records(
         assert await store.resolve_alias(ALIAS) == (SESSION if alias else None)
         other = await store.get(OTHER)
         assert other is not None and other.alias is None
-    finally:
-        await store.close()
 
 
 async def test_missing_newest_segment_keeps_the_older_ones(tmp_path: Path) -> None:
@@ -227,16 +228,13 @@ async def test_missing_newest_segment_keeps_the_older_ones(tmp_path: Path) -> No
     assert len(segments) >= 3
     segments[-1].unlink()
     lost_from = min(n for n, (path, _, _) in written.records.items() if path == segments[-1])
-    events, store = await surviving_events(tmp_path)
-    try:
+    async with recovered(tmp_path) as (events, store):
         assert events == list(range(1, lost_from))
         data, _count = await store.read(SESSION, 1, 1 << 20)
         assert data.startswith(event(1))
         info = await store.get(SESSION)
         assert info is not None
         assert (info.state, info.events) == (INTERRUPTED, lost_from - 1)
-    finally:
-        await store.close()
 
 
 async def test_bad_record_in_an_older_segment_is_logged_and_its_prefix_kept(
@@ -251,16 +249,13 @@ async def test_bad_record_in_an_older_segment_is_logged_and_its_prefix_kept(
     for index in tmp_path.glob("*.idx"):
         index.unlink()  # the cache would hide the damage; the scan must find it
     with caplog.at_level(logging.ERROR, logger="proxy.storage"):
-        events, store = await surviving_events(tmp_path)
-    try:
-        later = sorted(n for n, (p, _, _) in written.records.items() if p != first_segment)
-        assert events == [n for n in in_first if n < bad] + later
-        assert any("sealed segment" in record.getMessage() for record in caplog.records)
-        assert first_segment.stat().st_size > offset  # the old segment is left as it was
-        with pytest.raises(StorageError):
-            await store.read(SESSION, bad, 1 << 20)
-    finally:
-        await store.close()
+        async with recovered(tmp_path) as (events, store):
+            later = sorted(n for n, (p, _, _) in written.records.items() if p != first_segment)
+            assert events == [n for n in in_first if n < bad] + later
+            assert any("sealed segment" in record.getMessage() for record in caplog.records)
+            assert first_segment.stat().st_size > offset  # the old segment is left as it was
+            with pytest.raises(StorageError):
+                await store.read(SESSION, bad, 1 << 20)
 
 
 async def test_corrupt_record_behind_a_valid_index_raises_on_read(tmp_path: Path) -> None:
@@ -269,13 +264,10 @@ async def test_corrupt_record_behind_a_valid_index_raises_on_read(tmp_path: Path
     path, offset, length = written.records[2]
     assert path == first_segment
     flip(path, offset + length - 3)
-    events, store = await surviving_events(tmp_path)
-    try:
+    async with recovered(tmp_path) as (events, store):
         assert events == list(range(1, 31))
         with pytest.raises(StorageError, match="corrupt record"):
             await store.read(SESSION, 1, 1 << 20)
-    finally:
-        await store.close()
 
 
 @pytest.mark.parametrize("fsync", ["interval", "always"])

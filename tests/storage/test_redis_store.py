@@ -5,9 +5,9 @@ machinery (heartbeats, interruption, stop requests, losing Redis) with two store
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -24,48 +24,46 @@ from proxy.storage.base import (
     SessionMissing,
     StorageError,
 )
-from proxy.storage.redis import RedisStore, take_events
+from proxy.storage.redis import RedisStore
+from proxy.storage.tail import Tail
 
 from ..helpers import free_port
-from ..redis_server import RedisClusterServers, RedisServer, redis_available
-
-pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
-    yield server
-    server.stop()
+from ..redis_server import RedisClusterServers, RedisServer
 
 
 @pytest.fixture
-async def redis_url(redis_server: RedisServer) -> AsyncIterator[str]:
-    client = Redis.from_url(redis_server.url)
-    await client.flushall()
-    await client.aclose()
-    yield redis_server.url
+def redis_url(redis_server: RedisServer) -> str:
+    """The module's redis-server, emptied for the test."""
+    redis_server.flushall()
+    return redis_server.url
 
 
 def storage(url: str, ttl: float = 3600.0) -> StorageConfig:
     return StorageConfig(backend="redis", redis_url=url, retention=RetentionConfig(ttl=ttl))
 
 
+@contextlib.asynccontextmanager
+async def replica(url: str) -> AsyncIterator[RedisStore]:
+    """A started store whose heartbeats (every 0.1 s, expiring after 0.5 s) keep tests short."""
+    opened = RedisStore(storage(url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
+    await opened.start()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[RedisStore]:
-    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
-    await opened.start()
-    yield opened
-    await opened.close()
+    async with replica(redis_url) as opened:
+        yield opened
 
 
 @pytest.fixture
 async def other(redis_url: str) -> AsyncIterator[RedisStore]:
     """A second replica on the same Redis."""
-    opened = RedisStore(storage(redis_url), heartbeat_interval=0.1, heartbeat_ttl=0.5)
-    await opened.start()
-    yield opened
-    await opened.close()
+    async with replica(redis_url) as opened:
+        yield opened
 
 
 def meta(session_id: str = "session-0001", created_ns: int | None = None) -> SessionMeta:
@@ -111,17 +109,6 @@ async def read_all(store: RedisStore, session_id: str, start: int = 1) -> bytes:
         start += count
 
 
-def test_take_events_cuts_batches_at_whole_events() -> None:
-    batches = [(1, *batch(1, 3)), (4, *batch(4, 2))]
-    whole = b"".join(event(n) for n in range(1, 6))
-    assert take_events(batches, 1, 1 << 20) == (whole, 5)
-    assert take_events(batches, 2, 1 << 20) == (whole[len(event(1)) :], 4)
-    assert take_events(batches, 5, 1 << 20) == (event(5), 1)
-    assert take_events(batches, 6, 1 << 20) == (b"", 0)
-    assert take_events(batches, 2, 1) == (event(2), 1)  # at least one whole event
-    assert take_events(batches, 1, len(event(1)) * 4) == (whole[: len(event(1)) * 4], 4)
-
-
 async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
     store: RedisStore, other: RedisStore
 ) -> None:
@@ -136,11 +123,13 @@ async def test_read_from_any_event_is_exact_locally_and_on_another_replica(
         assert await read_all(store, "session-0001", start) == expected
         assert await read_all(other, "session-0001", start) == expected
     assert (await other.read("session-0001", 2, 1)) == (event(2), 1)
-    batches = [(1, *batch(1, 3)), (4, *batch(4, 1)), (5, *batch(5, 4))]
+    tail = Tail(1 << 20)
+    for first, count in ((1, 3), (4, 1), (5, 4)):
+        tail.append(first, *batch(first, count))
     for start in range(1, 10):
         for max_bytes in (1, 40, 80, 100, 150, 400):
             # Redis cuts server-side exactly as the in-memory tail does.
-            expected_cut = take_events(batches, start, max_bytes)
+            expected_cut = tail.read(start, 8, max_bytes)
             assert await other.read("session-0001", start, max_bytes) == expected_cut
     info = await other.get("session-0001")
     assert info is not None
@@ -334,9 +323,9 @@ async def test_unreachable_redis_at_start_is_one_clear_line() -> None:
 
 
 async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
-    tmp_path: Path,
+    own_redis: RedisServer,
 ) -> None:
-    server = RedisServer(tmp_path / "redis").start()
+    server = own_redis
     store = RedisStore(
         storage(server.url), heartbeat_interval=0.1, heartbeat_ttl=0.5, socket_timeout=0.5
     )
@@ -374,7 +363,6 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
         await client.aclose()
     finally:
         await store.close()
-        server.stop()
 
 
 async def test_on_a_cluster_a_sessions_keys_share_a_slot_and_sessions_spread_over_primaries(
@@ -450,4 +438,50 @@ async def test_an_alias_resolves_on_every_replica_and_expires_with_its_session(
     finally:
         await client.aclose()
         await other.close()
+        await store.close()
+
+
+async def test_stored_bytes_is_what_redis_reports_using_and_follows_what_is_stored(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    """The storage_bytes gauge: `used_memory`, re-read once per heartbeat."""
+    before = store.stored_bytes()
+    assert before > 0  # read at start, before any heartbeat
+    store.create(meta())
+    data, ends = batch(1, 1, size=1 << 20)
+    store.append("session-0001", 1, data, ends, time.time_ns())
+    await store.flush()
+    deadline = time.monotonic() + 10
+    while store.stored_bytes() < before + len(data):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    client = Redis.from_url(redis_server.url)
+    try:
+        reported = int((await client.info("memory"))["used_memory"])
+    finally:
+        await client.aclose()
+    assert abs(store.stored_bytes() - reported) < len(data) // 2
+    await store.delete("session-0001")
+    while store.stored_bytes() > before + len(data) // 2:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+
+
+async def test_on_a_cluster_stored_bytes_adds_up_every_primary(
+    redis_cluster: RedisClusterServers,
+) -> None:
+    config = StorageConfig(backend="redis", redis_url=redis_cluster.url, redis_cluster=True)
+    store = RedisStore(config)
+    await store.start()
+    try:
+        each = []
+        for row in redis_cluster.topology():
+            if "master" in row["flags"]:
+                client = Redis(port=int(row["port"]))
+                each.append(int((await client.info("memory"))["used_memory"]))
+                await client.aclose()
+        assert len(each) == 3
+        # The primaries hold about the same baseline: one or two alone fall far short.
+        assert store.stored_bytes() > sum(each) - min(each) // 2
+    finally:
         await store.close()
