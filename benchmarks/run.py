@@ -715,7 +715,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for name, row in results["memory"].items():
                 report.progress(f"memory {name}: {row}")
             results["bench_log"] = (
-                {"skipped": "not in --quick: it alone takes about 40 s"}
+                {"skipped": "not in --quick: it alone takes about 15 s"}
                 if args.quick
                 else bench_log(tmp)
             )
