@@ -49,6 +49,7 @@ log = logging.getLogger("proxy.storage.redis")
 
 FAILOVER_WINDOW = 30.0  # Cluster: how long a call is retried while a primary fails over
 FOLLOW_POOL = 1024  # idle follow connections kept per primary (a socket each)
+MAX_CONCURRENT_CALLS = 64  # below redis-py's pool size (100), so calls wait, never fail
 # Everything the redis-py clients raise that means Redis (not our request) failed.
 FAILURES = (RedisError, RedisClusterException, OSError)
 _TRANSIENT = (  # what a Cluster failover looks like to a client, retried on a Cluster
@@ -91,6 +92,11 @@ class Connections:
         self.writers: dict[str, WireConnection] = {}  # primary name -> its write connection
         self._follow_pool: dict[str, list[WireConnection]] = {}  # idle XREAD connections
         self._follow_name = f"rp:{replica_id}:follow"
+        # Calls waiting for a pooled connection queue here instead of failing: redis-py
+        # raises "Too many connections" past its pool's size (100, per node on a Cluster),
+        # which a burst of readers catching up from Redis (1,000 streams on a saturated
+        # proxy) reached, ending their streams with a storage error.
+        self._calls = asyncio.Semaphore(MAX_CONCURRENT_CALLS)
         # Set at close: loops end and calls stop retrying (redis-py can swallow a
         # cancellation that lands inside a command, so the loops watch this too).
         self.closing = False
@@ -232,7 +238,8 @@ class Connections:
         backoff = 0.05
         while True:
             try:
-                return await command(self.client())
+                async with self._calls:
+                    return await command(self.client())
             except _TRANSIENT as exc:
                 if not self.may_retry(deadline):
                     raise StorageError(f"redis: {exc}") from None
