@@ -39,6 +39,9 @@ from .trace import TRACE
 # unsent: the next read waits for the transport to drain.
 FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 512 * 1024
+# Replayed reads this large skip aiohttp's chunk writer (`_write_chunk`): below it, the copy
+# that writer makes costs less than the two extra transport writes.
+DIRECT_WRITE_BYTES = 64 * 1024
 # Past this many bytes unsent in a client's socket buffer, a reader leaves the push path:
 # one slow client holds at most this much memory and never delays the others.
 PUSH_HIGH_WATER = 64 * 1024
@@ -217,13 +220,18 @@ async def follow(
     next_event = offset + 1
     last_write = time.monotonic()
     headers_sent = False
+    chunked = _is_chunked(response)
     budget = FIRST_READ_BYTES  # until the first events are out, then READ_BATCH_BYTES
 
     async def write(data: bytes, count: int, last: int) -> None:
         nonlocal headers_sent, last_write, budget
         if TRACE is not None:
             TRACE.client_write(session_id, last)
-        await response.write(data)
+        transport = request.transport
+        if headers_sent and len(data) >= DIRECT_WRITE_BYTES and transport is not None:
+            await _write_chunk(request, transport, data, chunked)
+        else:
+            await response.write(data)
         if not headers_sent:
             headers_sent = True
             # uvloop sends a write below its high-water mark only when the loop turn ends:
@@ -256,9 +264,7 @@ async def follow(
         transport = request.transport
         if transport is None or transport.is_closing():
             return
-        writer = LiveWriter(
-            transport, next_event, _is_chunked(response), keepalive, on_write, session_id
-        )
+        writer = LiveWriter(transport, next_event, chunked, keepalive, on_write, session_id)
         writer.last_write = last_write
         if store.follow_live(session_id, writer):
             try:
@@ -275,6 +281,26 @@ async def follow(
             last_write = time.monotonic()
             continue
         await store.wait(session_id, next_event - 1, idle)
+
+
+async def _write_chunk(
+    request: web.Request, transport: asyncio.Transport, data: bytes, chunked: bool
+) -> None:
+    """A large replayed read, framed here and handed to the transport as it is.
+
+    aiohttp's writer joins a chunk's size line, data and CRLF into one new `bytes` before
+    the write (on Python < 3.12.9, where `writelines` is unsafe), a copy of every replayed
+    byte; the transport takes the three parts in order without it (uvloop gathers them
+    into one `writev`). Back-pressure is aiohttp's own: its writer's `drain` waits while
+    the transport is paused.
+    """
+    if chunked:
+        transport.write(b"%x\r\n" % len(data))
+        transport.write(data)
+        transport.write(b"\r\n")
+    else:
+        transport.write(data)
+    await request.writer.drain()
 
 
 async def _room(transport: asyncio.Transport) -> None:
