@@ -65,6 +65,13 @@ _SEGMENT_NAME = re.compile(r"(\d{20})\.log\Z")
 _READ_FDS = 64  # read descriptors kept open for sealed segments
 # Room a batch's framing takes beyond its bytes and ends (header, id, fixed fields).
 _EVENTS_OVERHEAD = 160
+# A read whose records lie on average farther apart than this is sparse (`_read_sparse`):
+# it preads clusters of records at most this far apart, at most SPARSE_READS of them. A
+# pread and its pass through `_events_from` cost about what copying 64 KiB does, so records
+# closer than that are cheaper to read together, the other sessions' bytes between them too;
+# a dense read takes one pread of at most 4 x its budget + SPARSE_GAP.
+SPARSE_GAP = 64 * 1024
+SPARSE_READS = 1024
 
 
 class _OsCalls:
@@ -397,12 +404,12 @@ class Log:
     def read_events(
         self, slog: SessionLog, start_event: int, last_event: int, max_bytes: int
     ) -> tuple[bytes, int]:
-        """Whole events from `start_event` (<= `last_event`) out of one segment, one pread.
+        """Whole events from `start_event` (<= `last_event`) out of one segment, one pread
+        (or, for records far apart, one per cluster of them: `_read_sparse`).
 
         Which records to read is decided from the index alone, in bisects over its running
         totals (no loop per record): those whose events fit in `max_bytes`, and the next
-        one (its first events may), within 4 x `max_bytes` + 64 KiB of file (the records
-        of a session interleaved with many others' are far apart).
+        one (its first events may).
         """
         which = bisect_right(slog.event_starts, start_event) - 1
         run = slog.event_runs[which] if which >= 0 else None
@@ -419,16 +426,23 @@ class Log:
         origin = offsets[batch]
         limit = bisect_right(run.first_events, last_event)
         fit = bisect_right(event_totals, event_totals[batch] + max_bytes, batch, limit + 1) - 1
-        near = bisect_right(offsets, origin + 4 * max_bytes + 65536, batch + 1, limit)
-        stop = min(fit + 1, limit, near)
+        stop = min(fit + 1, limit)
         span = offsets[stop - 1] + lengths[stop - 1] - origin
+        count_totals = totals[1]
+        records = (
+            event_totals[stop]
+            - event_totals[batch]
+            + head * (stop - batch)
+            + 4 * (count_totals[stop] - count_totals[batch])
+        )
         segment = self.segments[run.segment]
-        try:
-            raw = osio.pread(self._read_fd(segment), span, origin)
-        except OSError as exc:
-            raise StorageError(f"cannot read {segment.path}: {exc.strerror or exc}") from exc
-        if len(raw) != span:
-            raise StorageError(f"{segment.path} is shorter than its index says")
+        if span - records > SPARSE_GAP * (stop - batch - 1):
+            return self._read_sparse(
+                segment, run, totals, batch, stop, head, start_event, last_event, max_bytes
+            )
+        near = bisect_right(offsets, origin + 4 * max_bytes + SPARSE_GAP, batch + 1, stop)
+        stop = min(stop, near)
+        raw = self._pread(segment, origin, offsets[stop - 1] + lengths[stop - 1] - origin)
         return _events_from(
             raw,
             origin,
@@ -442,6 +456,74 @@ class Log:
             last_event,
             max_bytes,
         )
+
+    def _read_sparse(
+        self,
+        segment: Segment,
+        run: Run,
+        totals: tuple[array[int], array[int]],
+        batch: int,
+        stop: int,
+        head: int,
+        start_event: int,
+        last_event: int,
+        max_bytes: int,
+    ) -> tuple[bytes, int]:
+        """`read_events` for a session whose records lie far apart in the segment (many
+        sessions streamed at once, their records interleaved): one pread per cluster of
+        records no more than SPARSE_GAP apart, instead of one that reads mostly the other
+        sessions' bytes. A cluster after the first starts only with a record that fits the
+        budget whole; gaps and `last_event` are `_events_from`'s, as for one pread."""
+        offsets, lengths, first_events = run.offsets, run.lengths, run.first_events
+        event_totals = totals[0]
+        parts: list[bytes] = []
+        next_event, budget, position = start_event, max_bytes, batch
+        for _ in range(SPARSE_READS):
+            if position >= stop:
+                break
+            if parts and event_totals[position + 1] - event_totals[position] > budget:
+                break  # `_events_from` would take its first event whatever the budget
+            origin = offsets[position]
+            reach = origin + 4 * max_bytes + SPARSE_GAP  # one pread reads at most this far
+            end = position + 1
+            while (
+                end < stop
+                and offsets[end] - offsets[end - 1] - lengths[end - 1] <= SPARSE_GAP
+                and offsets[end] + lengths[end] <= reach
+            ):
+                end += 1
+            raw = self._pread(segment, origin, offsets[end - 1] + lengths[end - 1] - origin)
+            data, taken = _events_from(
+                raw,
+                origin,
+                run,
+                totals,
+                position,
+                end,
+                head,
+                segment.path,
+                next_event,
+                last_event,
+                budget,
+            )
+            if not taken:
+                break
+            parts.append(data)
+            next_event += taken
+            budget -= len(data)
+            if next_event != first_events[end - 1] + run.counts[end - 1]:
+                break  # the cluster was cut (budget, last_event or a gap)
+            position = end
+        return b"".join(parts), next_event - start_event
+
+    def _pread(self, segment: Segment, origin: int, span: int) -> bytes:
+        try:
+            raw = osio.pread(self._read_fd(segment), span, origin)
+        except OSError as exc:
+            raise StorageError(f"cannot read {segment.path}: {exc.strerror or exc}") from exc
+        if len(raw) != span:
+            raise StorageError(f"{segment.path} is shorter than its index says")
+        return raw
 
     def _read_fd(self, segment: Segment) -> int:
         if segment.fd >= 0:

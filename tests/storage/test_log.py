@@ -302,6 +302,54 @@ def test_reads_one_after_another_replay_each_session_whole(
     log.close()
 
 
+@pytest.mark.parametrize("per_record", [1, 3], ids=["one event per record", "batched"])
+@pytest.mark.parametrize("reopened", [False, True], ids=["as written", "recovered"])
+def test_reads_of_sessions_far_apart_in_their_segment_are_exactly_the_logged_events(
+    tmp_path: Path, per_record: int, reopened: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two sessions whose records lie between another session's big ones (and sometimes
+    next to each other): the reads that pread cluster by cluster (`_read_sparse`) give
+    the logged bytes exactly, from every event, with budgets at every boundary, and one
+    read after another replays each session whole."""
+    rng = random.Random(per_record)
+    log = open_log(tmp_path, segment_bytes=8 << 20)
+    writer = SyncWriter(log, size=lambda number: rng.randint(20, 300))
+    for _ in range(60):
+        items = [(rng.choice(("far-aaaa", "far-bbbbbb")), per_record)]
+        if rng.random() < 0.7:
+            items.append(("far-filler", 1))
+        writer.batch(items)
+        if items[-1][0] == "far-filler":
+            writer.size, size = (lambda number: 40 * 1024), writer.size
+            writer.batch([("far-filler", 1)])
+            writer.size = size
+    if reopened:
+        log.close()
+        log = open_log(tmp_path, segment_bytes=8 << 20)
+    sparse_reads = 0
+    read_sparse = Log._read_sparse
+
+    def counted(self: Log, *args: object) -> tuple[bytes, int]:
+        nonlocal sparse_reads
+        sparse_reads += 1
+        return read_sparse(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Log, "_read_sparse", counted)
+    for session_id in ("far-aaaa", "far-bbbbbb"):
+        events = writer.logged[session_id]
+        total = len(events)
+        for start in range(1, total + 1):
+            for last in sorted({total, min(total, start + 2)}):
+                for budget in budgets_at_boundaries(events, start):
+                    check_read(log, session_id, events, start, last, budget)
+        for budget in (1, 500, 1 << 20):
+            position = 1
+            while position <= total:
+                position += check_read(log, session_id, events, position, total, budget)
+    assert sparse_reads > 100
+    log.close()
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 400), min_size=1, max_size=30),
