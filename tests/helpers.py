@@ -16,14 +16,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import httpx
+import pytest
 import yaml
 from aiohttp import web
 
@@ -31,6 +32,40 @@ from proxy.app import build_app
 from proxy.config import Config, load_config
 from proxy.server import ProxySite
 from proxy.sse import SSEFramer
+
+T = TypeVar("T")
+POLL_SECONDS = 0.05
+
+
+def missing_tool(reason: str) -> NoReturn:
+    """Skip a test whose tool (redis-server, node, strace, a tmpfs mount...) this machine
+    lacks; under CI (`CI` set: `.ci/run` installs every one, as root) fail it instead, so
+    no test passes there by skipping."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; .ci/run must provide it")
+    pytest.skip(reason)
+
+
+def eventually(condition: Callable[[], T], seconds: float, what: str) -> T:
+    """Poll `condition` until it gives something truthy, and return that. `seconds` only
+    stops a hang (an AssertionError naming `what`): tests assert what happens, not how fast."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {seconds:g} s")
+        time.sleep(POLL_SECONDS)
+    return value
+
+
+async def aeventually(condition: Callable[[], Awaitable[T]], seconds: float, what: str) -> T:
+    """`eventually` for a condition that is awaited, without blocking the loop."""
+    deadline = time.monotonic() + seconds
+    while not (value := await condition()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: still not so after {seconds:g} s")
+        await asyncio.sleep(POLL_SECONDS)
+    return value
+
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "sse"  # kept in the repo: the shared fixtures, copied

@@ -7,7 +7,6 @@ empty server up on the same port (what a Redis restart without persistence looks
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import socket
 import subprocess
@@ -16,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from .helpers import free_port
+from .helpers import free_port, missing_tool
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
@@ -30,9 +27,7 @@ def require_redis() -> None:
     missing = [path for path in (REDIS_SERVER, REDIS_CLI) if not Path(path).exists()]
     if not missing:
         return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI must install redis-server ({', '.join(missing)} missing, see .ci/run)")
-    pytest.skip("redis-server is not installed")
+    missing_tool(f"redis-server is not installed ({', '.join(missing)} missing)")
 
 
 @dataclass

@@ -40,7 +40,7 @@ def test_quick_benchmark_writes_results_json_markdown_and_plots(tmp_path: Path) 
         assert all(figures[name]["cpu_us_per_event"] > 0 for name in everywhere)
     for mode in ("1_per_write", "20_per_write"):
         for row in results["throughput"][mode].values():
-            assert row["events_per_s"] > 0 and row["errors"] == 0 and row["short_streams"] == 0
+            assert row["streams"] > 0 and row["errors"] == 0 and row["short_streams"] == 0
         assert set(everywhere) <= set(results["throughput"][mode])
     for name in redis_columns:
         assert results["throughput"]["20_per_write"][name]["redis_cpu_pct"] >= 0

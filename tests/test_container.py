@@ -23,7 +23,7 @@ from openai import OpenAI
 
 from proxy.mock import answer_tokens
 
-from .helpers import ROOT, chat_stream, event_ids, read_events
+from .helpers import ROOT, chat_stream, event_ids, missing_tool, read_events
 from .podman import (
     BASE,
     REDIS,
@@ -295,7 +295,7 @@ def test_compose_example_comes_up_with_podman_compose(
     podman: Podman, image: str, tmp_path: Path
 ) -> None:
     if not compose_available():
-        pytest.skip("podman-compose is not installed")
+        missing_tool("podman-compose is not installed")
     ensure_image(podman, REDIS, tmp_path)
     compose = yaml.safe_load((ROOT / "examples" / "compose.yaml").read_text())
     services = compose["services"]

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import shutil
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
@@ -31,6 +28,7 @@ from proxy.relay import UpstreamRequest
 from proxy.responses import background_request, latest_response_in
 from proxy.sse import event_data, split_events
 
+from .client.node import Workspace, require_node
 from .helpers import (
     ProxyProcess,
     RunningProxy,
@@ -474,59 +472,26 @@ def test_kill9_mid_stream_then_restart_reports_failed_and_replays_what_was_logge
 
 # --- openai-node -----------------------------------------------------------------------------
 
-NODE_SCRIPT = """
-import OpenAI from "openai";
-const [baseURL, apiKey, id, after] = process.argv.slice(2);
-const client = new OpenAI({ baseURL, apiKey, maxRetries: 0 });
-const stream = await client.responses.retrieve(id, { stream: true, starting_after: Number(after) });
-for await (const event of stream) {
-  console.log(JSON.stringify({ type: event.type, seq: event.sequence_number, delta: event.delta }));
-}
-"""
 
-
-@pytest.fixture(scope="module")
-def openai_node(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """openai-node installed from npm into a temporary directory (npm's cache makes it quick
-    after the first time), with the test's script beside its node_modules. Major version 6:
-    7 wants Node 22, and Debian 12's `nodejs` (what `.ci/run` installs) is 18."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must install node and npm (see .ci/run)")
-        pytest.skip("node and npm are not installed")
-    directory = tmp_path_factory.mktemp("openai-node")
-    subprocess.run(
-        [npm, "install", "--prefix", str(directory), "--no-audit", "--no-fund", "openai@6"],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
-    (directory / "retrieve.mjs").write_text(NODE_SCRIPT)
-    return directory
+@pytest.fixture
+def node_workspace(tmp_path: Path) -> Workspace:
+    """openai-node as the client tests run it: the pinned version of `examples/package.json`,
+    from the cache `.ci/run` fills (`python -m tests.client.node`)."""
+    return Workspace(tmp_path / "node", require_node())
 
 
 @pytest.mark.backends("disk")
 async def test_openai_node_retrieve_stream_starting_after_gets_the_rest(
-    proxy: RunningProxy, openai_node: Path
+    proxy: RunningProxy, node_workspace: Workspace
 ) -> None:
     async with sdk(proxy.url) as client:
         stream = await client.responses.create(**background(25, 10, stream=True))
         seen = await take(stream, 7)
-    node = await asyncio.create_subprocess_exec(
-        shutil.which("node") or "node",
-        str(openai_node / "retrieve.mjs"),
-        proxy.url + "/v1",
-        ALICE,
-        seen[0].response.id,
-        "6",
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    result = await node_workspace.run(
+        "tests/client/js/retrieve_response.mjs", proxy.url + "/v1", ALICE, seen[0].response.id, "6"
     )
-    async with asyncio.timeout(60):
-        out, err = await node.communicate()
-    assert node.returncode == 0, err.decode()
-    events = [json.loads(line) for line in out.decode().splitlines()]
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
     assert [event["seq"] for event in events] == list(range(7, 7 + len(events)))
     assert events[-1]["type"] == "response.completed"
     text = deltas(seen) + "".join(

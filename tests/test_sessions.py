@@ -600,7 +600,9 @@ async def test_session_json_has_contract_fields_and_latency_figures(
     assert info["upstream_status"] == 200
     assert info["method"] == "POST" and info["path"] == "/v1/chat/completions"
     figures = info["inter_event_ms"]
-    assert 0 <= info["ttft_ms"] <= info["duration_ms"]
+    assert isinstance(info["ttft_ms"], float) and isinstance(info["duration_ms"], float)
     # Each event came in a read of its own after a pause, so no gap is the 0 of one read.
     assert 0 < figures["p50"] <= figures["p99"] <= figures["max"]
-    assert info["events_per_s"] > 0
+    # The rate is the events over the span from the first to the last arrival.
+    span_s = (info["duration_ms"] - info["ttft_ms"]) / 1000
+    assert info["events_per_s"] == pytest.approx(info["events"] / span_s, rel=0.01)

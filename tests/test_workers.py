@@ -22,7 +22,15 @@ import httpx
 import pytest
 from redis import Redis
 
-from .helpers import ROOT, ProxyProcess, chat_stream, config_file, event_ids, free_port
+from .helpers import (
+    ROOT,
+    ProxyProcess,
+    chat_stream,
+    config_file,
+    event_ids,
+    eventually,
+    free_port,
+)
 from .redis_server import RedisServer
 
 AUTH = {"Authorization": "Bearer sk-workers"}
@@ -46,10 +54,9 @@ def workers(tmp_path: Path, redis_server: RedisServer) -> Iterator[ProxyProcess]
     (tmp_path / "data").mkdir()
     proxy = ProxyProcess(tmp_path / "data", port=port, extra_args=["--config", str(config)])
     proxy.start()
-    deadline = time.monotonic() + 30
-    while "(2 workers)" not in proxy.log():  # the parent's line once both listen
-        assert time.monotonic() < deadline, proxy.log()
-        time.sleep(0.05)
+    eventually(  # the parent's line once both listen
+        lambda: "(2 workers)" in proxy.log(), 30, f"both workers listening:\n{proxy.log()}"
+    )
     try:
         yield proxy
     finally:
@@ -152,10 +159,7 @@ def test_sigterm_reaches_every_worker_live_streams_finish_and_the_parent_exits_0
     for thread in streams:
         thread.start()
     redis = Redis.from_url(redis_server.url)
-    deadline = time.monotonic() + 10
-    while redis.zcard("rp:sessions") < len(streams):
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    eventually(lambda: redis.zcard("rp:sessions") >= len(streams), 10, "every stream logged")
     assert workers.terminate() == 0
     for thread in streams:
         thread.join(30)

@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from ..helpers import missing_tool
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -81,16 +81,11 @@ def installed_versions() -> dict[str, str]:
 def require_node() -> Path:
     """node_modules for a test; skips (fails under CI) when node or npm is missing."""
     if NODE is None or NPM is None:
-        message = "needs node and npm on PATH (Debian: apt-get install nodejs npm)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_tool("needs node and npm on PATH (Debian: apt-get install nodejs npm)")
     try:
         return install()
     except (subprocess.SubprocessError, OSError) as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"npm could not install the client libraries: {exc}")
-        pytest.skip(f"npm could not install the client libraries (offline?): {exc}")
+        missing_tool(f"npm could not install the client libraries (offline?): {exc}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,9 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from proxy.storage.records import DELETE, HEADER
+
+from ..helpers import missing_tool
 
 STRACE = shutil.which("strace")
 TRACED = "trace=write,writev,sendto,sendmsg,fsync,fdatasync,unlink,unlinkat,openat,close"
@@ -51,9 +51,7 @@ def strace_prefix(output: Path) -> list[str]:
     """The command prefix that runs a process under strace, writing `output`."""
     reason = _unusable()
     if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{reason}; .ci/run installs strace")
-        pytest.skip(reason)
+        missing_tool(reason)
     assert STRACE is not None
     return [
         STRACE,

@@ -22,7 +22,7 @@ import pytest
 
 from proxy.config import Config
 
-from ..helpers import ProxyProcess, ScriptedUpstream, run_proxy
+from ..helpers import ProxyProcess, ScriptedUpstream, missing_tool, run_proxy
 
 AUTH = b"Authorization: Bearer sk-limits\r\n"
 # Lowers the soft open-file limit, then runs the rest of its arguments as the command.
@@ -107,7 +107,7 @@ def test_start_up_raises_the_soft_open_file_limit_to_the_hard_one(
 ) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard <= 256:
-        pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to raise")
+        missing_tool(f"the hard open-file limit here ({hard}) leaves nothing to raise")
     proxy = ProxyProcess(tmp_path / "data", command_prefix=[sys.executable, "-c", LOW_SOFT_LIMIT])
     proxies.append(proxy.start())
     assert proxy.process is not None

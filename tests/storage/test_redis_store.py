@@ -20,6 +20,7 @@ from proxy.storage.base import (
     INTERRUPTED,
     STREAMING,
     SessionExists,
+    SessionInfo,
     SessionMeta,
     SessionMissing,
     StorageError,
@@ -27,7 +28,7 @@ from proxy.storage.base import (
 from proxy.storage.redis import RedisStore
 from proxy.storage.tail import Tail
 
-from ..helpers import free_port
+from ..helpers import aeventually, free_port
 from ..redis_server import RedisClusterServers, RedisServer
 
 
@@ -300,14 +301,13 @@ async def test_a_dead_replicas_sessions_become_interrupted(
     await store.flush()
     for task in store._tasks:  # the replica freezes: no more heartbeats
         task.cancel()
-    started = time.monotonic()
-    while True:
+
+    async def ended() -> SessionInfo | None:
         info = await other.get("session-0001")
         assert info is not None
-        if info.state != STREAMING:
-            break
-        assert time.monotonic() - started < 5
-        await asyncio.sleep(0.05)
+        return info if info.state != STREAMING else None
+
+    info = await aeventually(ended, 5, "the frozen replica's session ended")
     assert (info.state, info.events) == (INTERRUPTED, 3)
     assert await read_all(other, "session-0001") == b"".join(event(n) for n in range(1, 4))
     assert not await other.request_stop("session-0001", CANCELLED, "too late")
@@ -321,10 +321,11 @@ async def test_sweep_interrupts_without_anyone_asking(
     for task in store._tasks:
         task.cancel()
     client = Redis.from_url(redis_url)
-    deadline = time.monotonic() + 5
-    while await client.hget("rp:{session-0001}:meta", "state") == b"streaming":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def swept() -> bool:
+        return await client.hget("rp:{session-0001}:meta", "state") != b"streaming"
+
+    await aeventually(swept, 5, "the sweep ended the session")
     assert await client.hget("rp:{session-0001}:meta", "state") == b"interrupted"
     await client.aclose()
 
@@ -358,10 +359,11 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
         assert (data, count) == (event(3) + event(4), 2)
         await store.wait("session-0001", 4, 0.05)  # neither raises nor spins
         server.start()
-        deadline = time.monotonic() + 5
-        while not store.healthy:
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def healthy() -> bool:
+            return store.healthy
+
+        await aeventually(healthy, 5, "the store healthy again")
         append(store, "session-0001", 5, 1)
         store.end("session-0001", COMPLETE, "", time.time_ns())
         await store.flush()
@@ -371,9 +373,11 @@ async def test_losing_redis_keeps_local_readers_going_and_fails_the_session(
         assert "redis" in info.reason
         assert await read_all(store, "session-0001") == b"".join(event(n) for n in range(1, 6))
         client = Redis.from_url(server.url)
-        while await client.hget("rp:{session-0001}:meta", "state") != b"failed":
-            assert time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+
+        async def settled() -> bool:
+            return await client.hget("rp:{session-0001}:meta", "state") == b"failed"
+
+        await aeventually(settled, 5, "the session settled as failed in Redis")
         # The restarted Redis kept nothing, so no event is claimed that it cannot give back.
         assert await client.hget("rp:{session-0001}:meta", "events") == b"0"
         await client.aclose()
@@ -467,10 +471,11 @@ async def test_stored_bytes_is_what_redis_reports_using_and_follows_what_is_stor
     data, ends = batch(1, 1, size=1 << 20)
     store.append("session-0001", 1, data, ends, time.time_ns())
     await store.flush()
-    deadline = time.monotonic() + 10
-    while store.stored_bytes() < before + len(data):
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def grown() -> bool:
+        return store.stored_bytes() >= before + len(data)
+
+    await aeventually(grown, 10, "storage_bytes grown by the session")
     client = Redis.from_url(redis_server.url)
     try:
         reported = int((await client.info("memory"))["used_memory"])
@@ -478,9 +483,11 @@ async def test_stored_bytes_is_what_redis_reports_using_and_follows_what_is_stor
         await client.aclose()
     assert abs(store.stored_bytes() - reported) < len(data) // 2
     await store.delete("session-0001")
-    while store.stored_bytes() > before + len(data) // 2:
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+
+    async def shrunk() -> bool:
+        return store.stored_bytes() <= before + len(data) // 2
+
+    await aeventually(shrunk, 10, "storage_bytes back down after the delete")
 
 
 async def test_on_a_cluster_stored_bytes_adds_up_every_primary(
