@@ -39,8 +39,9 @@ from .trace import TRACE
 # unsent: the next read waits for the transport to drain.
 FIRST_READ_BYTES = 16 * 1024
 READ_BATCH_BYTES = 512 * 1024
-# Replayed reads this large skip aiohttp's chunk writer (`_write_chunk`): below it, the copy
-# that writer makes costs less than the two extra transport writes.
+# Data this large is written as three parts, not framed into one new `bytes` (`send`), and
+# replayed reads this large skip aiohttp's writer: below it, the copy costs less than the
+# two extra transport writes.
 DIRECT_WRITE_BYTES = 64 * 1024
 # Past this many bytes unsent in a client's socket buffer, a reader leaves the push path:
 # one slow client holds at most this much memory and never delays the others.
@@ -138,7 +139,7 @@ class LiveWriter:
             return False
         if TRACE is not None:
             TRACE.client_write(self._session_id, first_event + count - 1)
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data)
+        send(transport, data, self._chunked)
         self.next_event = first_event + count
         self.last_write = time.monotonic()
         self._on_write(count, arrival_ns)
@@ -164,9 +165,7 @@ class LiveWriter:
             if transport.is_closing():
                 self.detach()
                 return
-            transport.write(
-                b"%x\r\n%b\r\n" % (len(KEEPALIVE), KEEPALIVE) if self._chunked else KEEPALIVE
-            )
+            send(transport, KEEPALIVE, self._chunked)
             self.last_write = time.monotonic()
             idle = 0.0
         self._timer = asyncio.get_running_loop().call_later(self.keepalive - idle, self._tick)
@@ -229,7 +228,8 @@ async def follow(
             TRACE.client_write(session_id, last)
         transport = request.transport
         if headers_sent and len(data) >= DIRECT_WRITE_BYTES and transport is not None:
-            await _write_chunk(request, transport, data, chunked)
+            send(transport, data, chunked)
+            await request.writer.drain()  # aiohttp's back-pressure: waits while paused
         else:
             await response.write(data)
         if not headers_sent:
@@ -283,24 +283,23 @@ async def follow(
         await store.wait(session_id, next_event - 1, idle)
 
 
-async def _write_chunk(
-    request: web.Request, transport: asyncio.Transport, data: bytes, chunked: bool
-) -> None:
-    """A large replayed read, framed here and handed to the transport as it is.
+def send(transport: asyncio.Transport, data: bytes, chunked: bool) -> None:
+    """`data` straight to the client's transport, as one whole HTTP/1.1 chunk when the
+    response is chunked, so aiohttp's writer can take over again at any chunk boundary.
 
-    aiohttp's writer joins a chunk's size line, data and CRLF into one new `bytes` before
-    the write (on Python < 3.12.9, where `writelines` is unsafe), a copy of every replayed
-    byte; the transport takes the three parts in order without it (uvloop gathers them
-    into one `writev`). Back-pressure is aiohttp's own: its writer's `drain` waits while
-    the transport is paused.
+    Small data is framed into one `bytes` (one write). Large data goes as three writes
+    that the transport takes in order without copying it (uvloop gathers them into one
+    `writev`): aiohttp's own writer would join them into a new `bytes` first (on Python
+    < 3.12.9, where `writelines` is unsafe), a copy of every replayed byte.
     """
-    if chunked:
+    if not chunked:
+        transport.write(data)
+    elif len(data) < DIRECT_WRITE_BYTES:
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+    else:
         transport.write(b"%x\r\n" % len(data))
         transport.write(data)
         transport.write(b"\r\n")
-    else:
-        transport.write(data)
-    await request.writer.drain()
 
 
 async def _room(transport: asyncio.Transport) -> None:
