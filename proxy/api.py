@@ -168,7 +168,8 @@ class Api:
         upstream, sent_ns = await self.send(outgoing)
         if not is_event_stream(upstream):
             return await relay_plain(request, upstream)
-        return await self._start_stream(request, outgoing, upstream, sent_ns, requested_id)
+        meta, headers = await self.open_session(request, outgoing, upstream, sent_ns, requested_id)
+        return await self.serve_new_session(request, upstream, headers, meta.session_id)
 
     def _created(self, session_id: str, creating: asyncio.Future[None] | None = None) -> None:
         """Wake the requests waiting for the creation of `session_id` (it now exists in the
@@ -190,17 +191,6 @@ class Api:
         if may_stream(outgoing):
             return await open_upstream_stream(self.origin, outgoing, self.config.upstream)
         return await send_upstream(self.client, self.upstream_url, outgoing)
-
-    async def _start_stream(
-        self,
-        request: web.Request,
-        outgoing: UpstreamRequest,
-        upstream: aiohttp.ClientResponse | UpstreamConnection,
-        sent_ns: int,
-        requested_id: str | None,
-    ) -> web.StreamResponse:
-        meta, headers = await self.open_session(request, outgoing, upstream, sent_ns, requested_id)
-        return await self.serve_new_session(request, upstream, headers, meta.session_id)
 
     async def open_session(
         self,
